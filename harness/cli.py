@@ -1,0 +1,262 @@
+"""The ``harness`` command line: run, list, plugins, leaderboard, validate."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from harness import __version__
+from harness.errors import HarnessError
+
+KINDS = ("models", "attributors", "maskers", "metrics", "datasets", "suites")
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="harness")
+def cli() -> None:
+    """Evaluate how vision models decide: explanations, faithfulness, representations, robustness."""
+
+
+# -- run -------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--model", "models", multiple=True, metavar="ID", help="Model id (repeat for multi-model metrics).")
+@click.option("--metric", metavar="ID", help="Metric id.")
+@click.option("--suite", metavar="NAME", help="Run every entry of a registry.toml suite instead.")
+@click.option("--attributor", metavar="ID", help="Attributor id (metrics that need one; default per metric).")
+@click.option("--masker", metavar="ID", help="Masker id: blur, black, mean, noise (granularity via -o masker.granularity=...).")
+@click.option("--data", default=None, metavar="SPEC", help="samples (default) | imagenet:PATH | folder:PATH.")
+@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per metric step and forward-pass chunk.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:K.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
+@click.option("--weights", "weights", multiple=True, type=click.Path(), help="Weights file per --model (.safetensors or weights-only torch file).")
+@click.option("--random-init", is_flag=True, help="Use untrained weights on purpose (marked in every output).")
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="Component option, e.g. -o metric.steps=50 -o masker.granularity=patch:8.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Output folder.")
+@click.option("--resume", is_flag=True, help="Keep samples already in the samples file (suites: skip finished entries).")
+@click.option("--on-bad-image", type=click.Choice(["skip", "stop"]), default="skip", show_default=True, help="Unreadable image: skip it with a warning, or stop.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run(**kw: Any) -> None:
+    """Run a metric on models and data; write <out>/<run_id>.json and its samples file."""
+    from harness.runner import RunConfig
+
+    if bool(kw["suite"]) == bool(kw["metric"]):
+        raise HarnessError("give either --metric (with --model) or --suite")
+    if kw["metric"] and not kw["models"]:
+        raise HarnessError("--metric needs at least one --model")
+    base = RunConfig(
+        models=list(kw["models"]),
+        metric=kw["metric"] or "",
+        attributor=kw["attributor"],
+        masker=kw["masker"],
+        data=kw["data"] or ("" if kw["suite"] else "samples"),
+        limit=kw["limit"],
+        batch_size=kw["batch_size"],
+        device=kw["device"],
+        seed=kw["seed"],
+        weights=list(kw["weights"]),
+        random_init=kw["random_init"],
+        options=list(kw["options"]),
+        out=kw["out"],
+        resume=kw["resume"],
+        quiet=kw["quiet"],
+        on_bad_image=kw["on_bad_image"],
+        argv=["harness", *sys.argv[1:]],
+    )
+    if kw["suite"]:
+        _run_suite(kw["suite"], base)
+    else:
+        _run_one(base)
+
+
+def _summary_line(path: Path) -> str:
+    from harness.results import read_result
+
+    result = read_result(path)
+    err = f" ± {result.stderr:.4f}" if result.stderr is not None else ""
+    value = f"{result.value:.4f}" if result.value is not None else "n/a"
+    models = "+".join(m.id for m in result.models)
+    return f"{result.metric.id} {models}: {value}{err} (n={result.dataset.n_samples}) -> {path}"
+
+
+def _run_one(config: Any) -> None:
+    from harness.runner import run as run_config
+
+    path = run_config(config)
+    click.echo(_summary_line(path))
+
+
+def _run_suite(name: str, base: Any) -> None:
+    from harness.registry import get_registry
+    from harness.results import read_result
+    from harness.runner import execute, resolve, write_error_result
+    from harness.suites import describe, error_message, expand_suite, suite_summary
+
+    reg = get_registry()
+    outcomes = []
+    for config in expand_suite(name, base, reg):
+        resolved = None
+        try:
+            resolved = resolve(config, reg)
+            done = Path(config.out) / f"{resolved.run_id}.json"
+            if config.resume and done.exists() and read_result(done).status == "ok":
+                outcomes.append({"status": "skipped"})
+                click.echo(f"done already: {describe(config)} -> {done}")
+                continue
+            path = execute(resolved, reg)
+            outcomes.append({"status": "ok"})
+            click.echo(_summary_line(path))
+        except Exception as exc:  # a suite records failures and goes on
+            message = error_message(exc)
+            path = write_error_result(config, message, resolved)
+            outcomes.append({"status": "error"})
+            click.echo(f"failed: {describe(config)}: {message} -> {path}", err=True)
+    click.echo(suite_summary(outcomes))
+    if any(o["status"] == "error" for o in outcomes):
+        sys.exit(1)
+
+
+# -- list / plugins ----------------------------------------------------------------------------------
+def _component_rows(kind: str) -> list[dict[str, Any]]:
+    from harness.registry import get_registry
+
+    reg = get_registry()
+    singular = kind[:-1]
+    rows: list[dict[str, Any]] = []
+    if kind == "suites":
+        for name, suite in sorted(reg.suites.items()):
+            rows.append({"id": name, "description": suite.get("description", ""), "models": suite.get("models", []),
+                         "metrics": suite.get("metrics", []), "attributors": suite.get("attributors", []),
+                         "maskers": suite.get("maskers", [])})
+        return rows
+    if kind == "models":
+        for model_id in reg.ids("model"):
+            spec = reg.model_spec(model_id)
+            rows.append({"id": model_id, "provider": reg.provider("model", model_id), "description": spec.description,
+                         "weights": spec.weights, "version": spec.version})
+        return rows
+    for cid, entry in sorted(reg.components[singular].items()):
+        cls = entry.obj
+        row = {"id": cid, "provider": entry.provider, "version": cls.version, "description": cls.summary(),
+               "options": cls.option_fields()}
+        if singular == "metric":
+            row.update(higher_is_better=cls.higher_is_better, needs_attributor=cls.needs_attributor,
+                       needs_masker=cls.needs_masker, models=[cls.min_models, cls.max_models], citation=cls.citation)
+        rows.append(row)
+    return rows
+
+
+@cli.command(name="list")
+@click.argument("kind", required=False, type=click.Choice(KINDS))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_components(kind: str | None, as_json: bool) -> None:
+    """List registered components (all kinds, or one). Any timm model id also works as a model."""
+    kinds = [kind] if kind else list(KINDS)
+    data = {k: _component_rows(k) for k in kinds}
+    if as_json:
+        _echo_json(data[kind] if kind else data)
+        return
+    from tabulate import tabulate
+
+    for k in kinds:
+        click.echo(f"{k}:")
+        table = [[r["id"], r.get("provider", ""), r.get("description", "")] for r in data[k]]
+        click.echo(tabulate(table, headers=["id", "provider", "description"], tablefmt="plain") if table else "  (none)")
+        click.echo()
+    if kind in (None, "models"):
+        click.echo("Any timm model id (e.g. resnet50.a1_in1k, test_vit) also works as --model.")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """Installed plugins: distribution, version, components and errors."""
+    from harness.registry import get_registry
+
+    infos = get_registry().plugins
+    if as_json:
+        _echo_json([p.to_json() for p in infos])
+        return
+    for p in infos:
+        state = "disabled" if not p.enabled else ("ERROR" if p.errors else "ok")
+        click.echo(f"{p.name} ({p.dist} {p.version}) [{state}] {p.module}")
+        for kind, ids in sorted(p.components.items()):
+            click.echo(f"    {kind}: {', '.join(ids)}")
+        for error in p.errors:
+            click.echo(f"    error: {error}")
+
+
+# -- leaderboard / validate --------------------------------------------------------------------------
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["markdown", "html", "csv", "json"]), default="markdown", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+def leaderboard(paths: tuple[Path, ...], fmt: str, output: Path | None) -> None:
+    """Build the leaderboard from result files (folders are searched; default ./results)."""
+    from harness import leaderboard as lb
+    from harness.results import atomic_write_text
+
+    text = lb.render(lb.load(list(paths) or [Path("results")]), fmt)
+    if output:
+        atomic_write_text(output, text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(files: tuple[Path, ...], as_json: bool) -> None:
+    """Check result files against the schema; exit 1 if any is invalid."""
+    from harness.leaderboard import find_result_files
+    from harness.results import read_result
+
+    report = []
+    for path in find_result_files(list(files)):
+        try:
+            read_result(path)
+            report.append({"file": str(path), "ok": True, "error": None})
+        except HarnessError as exc:
+            report.append({"file": str(path), "ok": False, "error": str(exc)})
+    if as_json:
+        _echo_json(report)
+    else:
+        for item in report:
+            click.echo(f"ok: {item['file']}" if item["ok"] else f"invalid: {item['error']}")
+    if not all(item["ok"] for item in report):
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="harness", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("harness: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"harness: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except HarnessError as exc:
+        click.echo(f"harness: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("harness: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("HARNESS_DEBUG"):
+            raise
+        from harness.suites import error_message
+
+        click.echo(f"harness: internal error: {error_message(exc)} (set HARNESS_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)

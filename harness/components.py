@@ -1,0 +1,147 @@
+"""The component kinds plugins register: models, attributors, maskers, metrics, datasets.
+
+Every component has an ``id``, a ``version`` (bumped only when its numbers change), a pydantic
+``Options`` model whose unknown fields are errors, and a docstring whose first line is its summary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from harness.data import Batch, Sample
+    from harness.model import LoadedModel
+    from harness.runner import MetricContext
+
+
+class Options(BaseModel):
+    """Base of every component's options: frozen, and unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component:
+    """Base of attributors, maskers, metrics and datasets."""
+
+    kind: ClassVar[str] = "component"
+    id: ClassVar[str]
+    version: ClassVar[str] = "1"
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring."""
+        doc = inspect.getdoc(cls) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    @classmethod
+    def option_fields(cls) -> dict[str, str]:
+        """Option names with their defaults, for listings."""
+        return {
+            name: repr(f.default) if f.default is not None or not f.is_required() else "required"
+            for name, f in cls.Options.model_fields.items()
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model id.
+
+    ``build(pretrained)`` returns an ``nn.Module``; with ``pretrained=True`` it loads the default
+    weights (raising :class:`harness.errors.HarnessError` with instructions when they cannot be had).
+    ``data_config`` overrides timm's resolved preprocessing for these weights.
+    """
+
+    id: str
+    build: Callable[[bool], torch.nn.Module]
+    description: str = ""
+    weights: str = ""
+    data_config: dict[str, Any] = field(default_factory=dict)
+    version: str = "1"
+    provider: str = ""
+
+    kind: ClassVar[str] = "model"
+
+
+class Attributor(Component):
+    """Produces a (B, H, W) map per image; higher = more important for the target class."""
+
+    kind: ClassVar[str] = "attributor"
+
+    def attribute(
+        self, model: "LoadedModel", inputs: torch.Tensor, target: torch.Tensor, seeds: Sequence[int]
+    ) -> torch.Tensor:
+        """Attribution maps for normalised ``inputs`` (B, 3, H, W) and target classes (B,)."""
+        raise NotImplementedError
+
+
+class Masker(Component):
+    """A fill (the baseline removed pixels take) and a granularity (the regions ranked and moved)."""
+
+    kind: ClassVar[str] = "masker"
+
+    def baseline(self, model: "LoadedModel", inputs: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """The fully-removed image for normalised ``inputs`` (B, 3, H, W), in normalised space."""
+        raise NotImplementedError
+
+
+class Metric(Component):
+    """Evaluates batches of images and summarises the per-sample records into a result."""
+
+    kind: ClassVar[str] = "metric"
+    higher_is_better: ClassVar[bool | None] = True
+    needs_attributor: ClassVar[bool] = False
+    needs_masker: ClassVar[bool] = False
+    default_attributor: ClassVar[str | None] = None
+    default_masker: ClassVar[str | None] = None
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = 1
+    citation: ClassVar[str] = ""
+
+    def evaluate(self, batch: "Batch", ctx: "MetricContext") -> list[dict[str, Any]]:
+        """One record per sample of ``batch``: ``{"prediction": ..., "values": {...}}``."""
+        raise NotImplementedError
+
+    def summarize(self, records: list[dict[str, Any]], ctx: "MetricContext") -> "Summary":
+        """The headline value, its standard error, other values and artifacts."""
+        raise NotImplementedError
+
+
+class Summary(BaseModel):
+    """What a metric reports for a whole run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: float
+    stderr: float | None = None
+    values: dict[str, Any] = {}
+    artifacts: dict[str, str] = {}
+
+
+class Dataset(Component):
+    """A list of samples (id, image location, label) and how to read one image."""
+
+    kind: ClassVar[str] = "dataset"
+
+    def samples(self) -> list["Sample"]:
+        """All samples, in a stable order."""
+        raise NotImplementedError
+
+    def load(self, sample: "Sample") -> "Image.Image":
+        """The RGB image of ``sample``; raises on an unreadable file."""
+        from harness.data import load_rgb
+
+        return load_rgb(sample.path)
+
+
+COMPONENT_KINDS = ("model", "attributor", "masker", "metric", "dataset")

@@ -1,0 +1,141 @@
+"""A loaded model: the module on its device, its preprocessing, its weights' provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from harness.batching import map_in_chunks
+from harness.components import ModelSpec
+from harness.weights import load_checked, read_state_dict, state_dict_sha256
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for metrics: ``logits``/``probs`` in chunks, ``preprocess`` for PIL images."""
+
+    id: str
+    spec: ModelSpec
+    module: torch.nn.Module
+    device: torch.device
+    data_config: dict[str, Any]
+    weights: str
+    weights_sha256: str | None
+    random_init: bool
+    batch_size: int = 32
+    _transform: Any = field(default=None, repr=False)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's inputs."""
+        return tuple(self.data_config["input_size"])  # type: ignore[return-value]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel normalisation mean, shaped (1, 3, 1, 1) on the model's device."""
+        return torch.tensor(self.data_config["mean"], device=self.device).view(1, -1, 1, 1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-channel normalisation std, shaped (1, 3, 1, 1) on the model's device."""
+        return torch.tensor(self.data_config["std"], device=self.device).view(1, -1, 1, 1)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel space [0, 1] -> the model's input space."""
+        return (pixels - self.mean) / self.std
+
+    def denormalise(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's input space -> pixel space [0, 1]."""
+        return inputs * self.std + self.mean
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """Normalised input batch (B, 3, H, W) on the device from PIL images."""
+        if self._transform is None:
+            import timm.data
+
+            self._transform = timm.data.create_transform(**self.data_config, is_training=False)
+        return torch.stack([self._transform(img) for img in images]).to(self.device)
+
+    def logits(self, inputs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Logits of ``inputs`` without gradients, in chunks of ``chunk_size`` (default batch size)."""
+        with torch.inference_mode():
+            return map_in_chunks(
+                len(inputs), chunk_size or self.batch_size, lambda a, b: self.module(inputs[a:b]).float()
+            )
+
+    def probs(self, inputs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Softmax probabilities of ``inputs`` without gradients."""
+        return self.logits(inputs, chunk_size).softmax(-1)
+
+    def provenance(self) -> dict[str, Any]:
+        """The ``models[]`` entry of a result file."""
+        return {
+            "id": self.id,
+            "source": self.spec.weights or self.spec.description,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "random_init": self.random_init,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    from harness.errors import HarnessError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HarnessError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:K") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    device: torch.device = torch.device("cpu"),
+    seed: int = 0,
+    batch_size: int = 32,
+) -> LoadedModel:
+    """Build ``spec`` with its default weights, a user's ``weights`` file, or a seeded random init."""
+    import timm.data
+
+    from harness.errors import HarnessError
+
+    if weights is not None and random_init:
+        raise HarnessError("--weights and --random-init exclude each other")
+    if weights is not None:
+        module = spec.build(False)
+        load_checked(module, read_state_dict(weights), str(weights))
+        weights_desc = str(weights)
+    elif random_init:
+        torch.manual_seed(seed)
+        module = spec.build(False)
+        weights_desc = f"random-init(seed={seed})"
+    else:
+        module = spec.build(True)
+        weights_desc = spec.weights or "pretrained"
+    module.eval().to(device)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    config = dict(timm.data.resolve_data_config(model=module))
+    config.update(spec.data_config)
+    return LoadedModel(
+        id=spec.id,
+        spec=spec,
+        module=module,
+        device=device,
+        data_config=config,
+        weights=weights_desc,
+        weights_sha256=state_dict_sha256(module),
+        random_init=random_init,
+        batch_size=batch_size,
+    )

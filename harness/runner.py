@@ -1,0 +1,345 @@
+"""One run: data -> models -> attributor -> masker -> metric -> samples file -> result file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from harness import __version__
+from harness.components import Attributor, Dataset, Masker, Metric, Summary
+from harness.data import Batch, Sample, UnreadableImage, sample_ids_sha256, sample_seed
+from harness.errors import HarnessError
+from harness.model import LoadedModel, load_model, resolve_device
+from harness.options import build_component, parse_options
+from harness.progress import progress, warn
+from harness.registry import Registry, get_registry
+from harness.results import SCHEMA_VERSION, Result, SamplesFile, write_result
+
+
+@dataclass
+class RunConfig:
+    """Everything ``harness run`` was asked to do (CLI-independent)."""
+
+    models: list[str]
+    metric: str
+    attributor: str | None = None
+    masker: str | None = None
+    data: str = "samples"
+    limit: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    seed: int = 0
+    weights: list[str] = field(default_factory=list)
+    random_init: bool = False
+    options: list[str] = field(default_factory=list)
+    out: Path = Path("results")
+    resume: bool = False
+    quiet: bool = False
+    on_bad_image: Literal["skip", "stop"] = "skip"
+    argv: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MetricContext:
+    """What a metric gets besides the batch: models, attributor, masker, and where artifacts go."""
+
+    models: list[LoadedModel]
+    attributor: Attributor | None
+    masker: Masker | None
+    seed: int
+    batch_size: int
+    out_dir: Path
+    run_id: str
+    quiet: bool = False
+
+    @property
+    def model(self) -> LoadedModel:
+        """The first (usually only) model."""
+        return self.models[0]
+
+    def artifact(self, name: str) -> tuple[Path, str]:
+        """(absolute path to write, path relative to the result file) for an artifact ``name``."""
+        relative = f"{self.run_id}/{name}"
+        path = self.out_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path, relative
+
+
+@dataclass
+class ResolvedRun:
+    """Components resolved and validated, before any model is loaded."""
+
+    config: RunConfig
+    metric: Metric
+    attributor: Attributor | None
+    masker: Masker | None
+    dataset: Dataset
+    samples: list[Sample]
+    run_id: str
+    identity: dict[str, Any]
+
+
+def parse_data(spec: str) -> tuple[str, str | None]:
+    """``samples`` / ``imagenet:PATH`` / ``folder:PATH`` -> (dataset id, path or None)."""
+    name, sep, path = spec.partition(":")
+    return name, (path if sep else None)
+
+
+def _component_entry(component: Any) -> dict[str, Any] | None:
+    if component is None:
+        return None
+    return {"id": component.id, "version": component.version, "options": component.options.model_dump(mode="json")}
+
+
+def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
+    """Check every id and option of ``config`` and fix the run id; loads no model."""
+    reg = registry or get_registry()
+    metric_cls = reg.get("metric", config.metric)
+    n_models = len(config.models)
+    if n_models < metric_cls.min_models or (metric_cls.max_models is not None and n_models > metric_cls.max_models):
+        want = str(metric_cls.min_models) if metric_cls.max_models == metric_cls.min_models else (
+            f"at least {metric_cls.min_models}" + (f" and at most {metric_cls.max_models}" if metric_cls.max_models else "")
+        )
+        raise HarnessError(f"metric {config.metric!r} takes {want} --model, got {n_models}")
+    for model_id in config.models:
+        reg.model_spec(model_id)  # unknown ids fail here, before anything runs
+    if config.limit is not None and config.limit < 1:
+        raise HarnessError(f"--limit must be at least 1, got {config.limit}")
+    if config.batch_size < 1:
+        raise HarnessError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.weights and len(config.weights) != n_models:
+        raise HarnessError(f"give one --weights per --model ({n_models}), got {len(config.weights)}")
+
+    classes: dict[str, Any] = {"metric": metric_cls}
+    for kind, wanted, needed, default in (
+        ("attributor", config.attributor, metric_cls.needs_attributor, metric_cls.default_attributor),
+        ("masker", config.masker, metric_cls.needs_masker, metric_cls.default_masker),
+    ):
+        if wanted and not needed:
+            raise HarnessError(f"metric {config.metric!r} takes no {kind} (got --{kind} {wanted})")
+        if needed:
+            chosen = wanted or default
+            if chosen is None:
+                raise HarnessError(f"metric {config.metric!r} needs --{kind}")
+            classes[kind] = reg.get(kind, chosen)
+    data_id, data_path = parse_data(config.data)
+    classes["dataset"] = reg.get("dataset", data_id)
+
+    fields = {kind: set(cls.Options.model_fields) for kind, cls in classes.items()}
+    routed = parse_options(config.options, fields)
+    if data_path is not None:
+        routed["dataset"]["path"] = data_path
+    built = {kind: build_component(cls, routed.get(kind, {}), kind) for kind, cls in classes.items()}
+
+    dataset: Dataset = built["dataset"]  # type: ignore[assignment]
+    samples = dataset.samples()
+    if not samples:
+        raise HarnessError(f"dataset {config.data!r} has no images")
+    if config.limit is not None:
+        samples = samples[: config.limit]
+
+    weights = [str(Path(w).resolve()) for w in config.weights] or [None] * n_models
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "models": [
+            {"id": m, "weights": w, "random_init": config.random_init} for m, w in zip(config.models, weights)
+        ],
+        "metric": _component_entry(built["metric"]),
+        "attributor": _component_entry(built.get("attributor")),
+        "masker": _component_entry(built.get("masker")),
+        "dataset": {"id": config.data, "sample_ids_sha256": sample_ids_sha256(samples)},
+        "seed": config.seed,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{config.metric}-{'+'.join(config.models)}")[:80]
+    return ResolvedRun(
+        config=config,
+        metric=built["metric"],  # type: ignore[arg-type]
+        attributor=built.get("attributor"),  # type: ignore[arg-type]
+        masker=built.get("masker"),  # type: ignore[arg-type]
+        dataset=dataset,
+        samples=samples,
+        run_id=f"{readable}-{digest}",
+        identity=identity,
+    )
+
+
+def _load_images(run: ResolvedRun, samples: list[Sample]) -> tuple[list[Sample], list[Any]]:
+    kept, images = [], []
+    for sample in samples:
+        try:
+            images.append(run.dataset.load(sample))
+        except UnreadableImage as exc:
+            if run.config.on_bad_image == "stop":
+                raise
+            warn(f"skipping sample {sample.id}: {exc}")
+            continue
+        kept.append(sample)
+    return kept, images
+
+
+def _provenance(config: RunConfig, device: torch.device, reg: Registry, started: float, started_at: str) -> dict[str, Any]:
+    import timm
+
+    plugins = {p.dist or p.name: p.version for p in reg.plugins if p.enabled and not p.errors}
+    return {
+        "harness": __version__,
+        "plugins": plugins,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "device": str(device),
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "started_at": started_at,
+        "duration_s": round(time.time() - started, 3),
+        "argv": config.argv or sys.argv,
+    }
+
+
+def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
+    """Evaluate ``run`` (resuming if asked), write its samples and result files, return the result path."""
+    from harness.allocator import tune_allocator
+
+    tune_allocator()
+    reg = registry or get_registry()
+    config = run.config
+    started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    weights = config.weights or [None] * len(config.models)
+    models = [
+        load_model(
+            reg.model_spec(model_id),
+            weights=w,
+            random_init=config.random_init,
+            device=device,
+            seed=config.seed,
+            batch_size=config.batch_size,
+        )
+        for model_id, w in zip(config.models, weights)
+    ]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = MetricContext(
+        models=models,
+        attributor=run.attributor,
+        masker=run.masker,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        out_dir=out,
+        run_id=run.run_id,
+        quiet=config.quiet,
+    )
+    samples_file = SamplesFile(out / f"{run.run_id}.samples.jsonl")
+    if config.resume:
+        done = {r["sample_id"] for r in samples_file.read(repair=True)}
+    else:
+        samples_file.reset()
+        done = set()
+    todo = [s for s in run.samples if s.id not in done]
+    bar = progress(len(run.samples), f"{run.metric.id} {'+'.join(config.models)}", config.quiet)
+    bar.update(len(run.samples) - len(todo))
+    images_per_batch = max(1, config.batch_size)
+    for start in range(0, len(todo), images_per_batch):
+        kept, images = _load_images(run, todo[start : start + images_per_batch])
+        if kept:
+            batch = Batch(samples=kept, images=images, seeds=[sample_seed(config.seed, s.id) for s in kept])
+            records = run.metric.evaluate(batch, ctx)
+            if len(records) != len(kept):
+                raise RuntimeError(f"metric {run.metric.id} returned {len(records)} records for {len(kept)} samples")
+            samples_file.append(
+                [
+                    {"sample_id": s.id, "label": s.label, "prediction": r.get("prediction"), "values": r.get("values", {})}
+                    for s, r in zip(kept, records)
+                ]
+            )
+        bar.update(min(images_per_batch, len(todo) - start))
+    bar.close()
+
+    order = {s.id: i for i, s in enumerate(run.samples)}
+    records = sorted(
+        (r for r in samples_file.read() if r["sample_id"] in order), key=lambda r: order[r["sample_id"]]
+    )
+    if not records:
+        raise HarnessError("no sample could be evaluated (every image was unreadable)")
+    summary: Summary = run.metric.summarize(records, ctx)
+    result = Result(
+        schema_version=SCHEMA_VERSION,
+        run_id=run.run_id,
+        models=[m.provenance() for m in models],
+        metric={
+            "id": run.metric.id,
+            "version": run.metric.version,
+            "higher_is_better": run.metric.higher_is_better,
+            "options": run.metric.options.model_dump(mode="json"),
+        },
+        attributor=_component_entry(run.attributor),
+        masker=_component_entry(run.masker),
+        dataset={"id": config.data, "n_samples": len(records), "sample_ids_sha256": sample_ids_sha256(run.samples)},
+        value=summary.value,
+        stderr=summary.stderr,
+        values=summary.values,
+        artifacts=summary.artifacts,
+        provenance=_provenance(config, device, reg, started, started_at),
+        status="ok",
+    )
+    return write_result(result, out)
+
+
+def run(config: RunConfig, registry: Registry | None = None) -> Path:
+    """Resolve and execute ``config``; return the result file's path."""
+    return execute(resolve(config, registry), registry)
+
+
+def write_error_result(config: RunConfig, message: str, run: ResolvedRun | None = None) -> Path:
+    """Record a failed run as a ``status: "error"`` result (suites go on after writing it)."""
+    import timm
+
+    if run is not None:
+        run_id, identity = run.run_id, run.identity
+    else:
+        identity = {"models": config.models, "metric": config.metric, "attributor": config.attributor,
+                    "masker": config.masker, "data": config.data, "options": config.options, "seed": config.seed}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        readable = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{config.metric}-{'+'.join(config.models)}")[:80]
+        run_id = f"{readable}-{digest}"
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    reg = get_registry()
+    metric_cls = reg.components["metric"].get(config.metric)
+    result = Result(
+        schema_version=SCHEMA_VERSION,
+        run_id=run_id,
+        models=[{"id": m, "source": "", "weights": "", "weights_sha256": None, "random_init": config.random_init} for m in config.models],
+        metric={
+            "id": config.metric,
+            "version": metric_cls.obj.version if metric_cls else "",
+            "higher_is_better": metric_cls.obj.higher_is_better if metric_cls else None,
+            "options": run.metric.options.model_dump(mode="json") if run is not None else {},
+        },
+        attributor=_component_entry(run.attributor) if run is not None else None,
+        masker=_component_entry(run.masker) if run is not None else None,
+        dataset={"id": config.data, "n_samples": 0, "sample_ids_sha256": identity.get("dataset", {}).get("sample_ids_sha256", "") if run else ""},
+        value=None,
+        stderr=None,
+        values={},
+        artifacts={},
+        provenance={
+            "harness": __version__, "plugins": {}, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "device": config.device, "seed": config.seed, "batch_size": config.batch_size,
+            "started_at": now, "duration_s": 0.0, "argv": config.argv or sys.argv,
+        },
+        status="error",
+        error=message,
+    )
+    return write_result(result, Path(config.out))

@@ -1,0 +1,71 @@
+"""Expanding a registry.toml suite into runs, and running them so one failure does not stop the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.registry import Registry
+from harness.runner import RunConfig
+
+
+def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
+    """Models x metrics x attributors x maskers of suite ``name``, as run configurations.
+
+    A metric that compares models (``min_models >= 2``) gets all of the suite's models in one run;
+    attributors and maskers apply only to metrics that take them. ``options`` maps a metric id to
+    extra ``-o`` strings for its runs.
+    """
+    suite = reg.suite(name)
+    models: list[str] = list(suite.get("models", []))
+    metrics: list[str] = list(suite.get("metrics", []))
+    if not models or not metrics:
+        raise HarnessError(f"suite {name!r} needs 'models' and 'metrics'")
+    per_metric: dict[str, list[str]] = dict(suite.get("options", {}))
+    configs = []
+    for metric_id in metrics:
+        metric = reg.get("metric", metric_id)
+        groups = [models] if metric.min_models >= 2 else [[m] for m in models]
+        attributors = suite.get("attributors") if metric.needs_attributor else None
+        maskers = suite.get("maskers") if metric.needs_masker else None
+        for group in groups:
+            for attributor in attributors or [None]:
+                for masker in maskers or [None]:
+                    configs.append(
+                        dataclasses.replace(
+                            base,
+                            models=list(group),
+                            metric=metric_id,
+                            attributor=attributor,
+                            masker=masker,
+                            options=[*per_metric.get(metric_id, []), *base.options],
+                            data=base.data or suite.get("data", "samples"),
+                        )
+                    )
+    return configs
+
+
+def describe(config: RunConfig) -> str:
+    """A short label for progress lines: metric model [attributor masker]."""
+    extras = " ".join(x for x in (config.attributor, config.masker) if x)
+    return f"{config.metric} {'+'.join(config.models)}" + (f" [{extras}]" if extras else "")
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a failed suite entry (the traceback's last frame for unexpected errors)."""
+    if isinstance(exc, HarnessError):
+        return str(exc)
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}{where}"
+
+
+def suite_summary(outcomes: list[dict[str, Any]]) -> str:
+    """'N ok, M failed' line."""
+    ok = sum(o["status"] == "ok" for o in outcomes)
+    skipped = sum(o["status"] == "skipped" for o in outcomes)
+    failed = sum(o["status"] == "error" for o in outcomes)
+    return f"suite: {ok} ok, {skipped} already done, {failed} failed"
