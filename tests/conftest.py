@@ -1,0 +1,83 @@
+"""Shared fixtures: an in-process CLI, offline hub, and wrapping hand-built modules as models."""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+# No test may touch the Hugging Face hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HARNESS_MALLOC_TUNING", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run ``harness ARGS`` in this process, as the console script would (errors -> one line + exit code)."""
+    from harness.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    """``cli("run", "--model", ...)`` -> CliResult(exit_code, stdout, stderr)."""
+    return run_cli
+
+
+@pytest.fixture
+def fresh_registry():
+    """Rebuild the plugin registry before and after a test (for tests that change plugins or env)."""
+    from harness.registry import get_registry
+
+    get_registry.cache_clear()
+    yield
+    get_registry.cache_clear()
+
+
+def wrap_module(module: torch.nn.Module, size: int = 32, batch_size: int = 16, model_id: str = "constructed"):
+    """A LoadedModel around a hand-built module taking (B, 3, size, size) inputs (mean 0, std 1)."""
+    from harness.components import ModelSpec
+    from harness.model import LoadedModel
+
+    module.eval()
+    return LoadedModel(
+        id=model_id,
+        spec=ModelSpec(id=model_id, build=lambda pretrained: module),
+        module=module,
+        device=torch.device("cpu"),
+        data_config={"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
+                     "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"},
+        weights="constructed",
+        weights_sha256=None,
+        random_init=False,
+        batch_size=batch_size,
+    )
+
+
+@pytest.fixture
+def skimage_photo():
+    """Path of one of scikit-image's bundled photos: skimage_photo('chelsea.png')."""
+    import skimage.data
+
+    root = Path(skimage.data.__file__).parent
+    return lambda name: root / name
