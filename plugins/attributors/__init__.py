@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import harness
 
+from harness_plugins.attributors.gradcam import GradCAM
 from harness_plugins.attributors.gradients import InputXGradient, Saliency
+from harness_plugins.attributors.igos import IGOS
+from harness_plugins.attributors.integrated_gradients import IntegratedGradients
 from harness_plugins.attributors.random_map import RandomMap
+from harness_plugins.attributors.rise import RISE
+from harness_plugins.attributors.smoothgrad import SmoothGrad
 
-BUNDLED = (Saliency, InputXGradient, RandomMap)
+BUNDLED = (Saliency, InputXGradient, IntegratedGradients, SmoothGrad, GradCAM, RISE, IGOS, RandomMap)
 
 
 @harness.hookimpl
