@@ -44,6 +44,7 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Keep samples already in the samples file (suites: skip finished entries).")
 @click.option("--on-bad-image", type=click.Choice(["skip", "stop"]), default="skip", show_default=True, help="Unreadable image: skip it with a warning, or stop.")
+@click.option("--plot", "make_plots", is_flag=True, help="Also write the metric's PNG plots (as `harness plot`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(**kw: Any) -> None:
     """Run a metric on models and data; write <out>/<run_id>.json and its samples file."""
@@ -73,9 +74,9 @@ def run(**kw: Any) -> None:
         argv=["harness", *sys.argv[1:]],
     )
     if kw["suite"]:
-        _run_suite(kw["suite"], base)
+        _run_suite(kw["suite"], base, kw["make_plots"])
     else:
-        _run_one(base)
+        _run_one(base, kw["make_plots"])
 
 
 def _summary_line(path: Path) -> str:
@@ -88,14 +89,23 @@ def _summary_line(path: Path) -> str:
     return f"{result.metric.id} {models}: {value}{err} (n={result.dataset.n_samples}) -> {path}"
 
 
-def _run_one(config: Any) -> None:
+def _run_one(config: Any, make_plots: bool) -> None:
     from harness.runner import run as run_config
 
     path = run_config(config)
+    if make_plots:
+        _plot(path)
     click.echo(_summary_line(path))
 
 
-def _run_suite(name: str, base: Any) -> None:
+def _plot(path: Path) -> None:
+    from harness.plotting import plot_result
+
+    for name, relative in plot_result(path).items():
+        click.echo(f"plot {name}: {path.parent / relative}", err=True)
+
+
+def _run_suite(name: str, base: Any, make_plots: bool) -> None:
     from harness.registry import get_registry
     from harness.results import read_result
     from harness.runner import execute, resolve, write_error_result
@@ -113,6 +123,8 @@ def _run_suite(name: str, base: Any) -> None:
                 click.echo(f"done already: {describe(config)} -> {done}")
                 continue
             path = execute(resolved, reg)
+            if make_plots:
+                _plot(path)
             outcomes.append({"status": "ok"})
             click.echo(_summary_line(path))
         except Exception as exc:  # a suite records failures and goes on
@@ -193,6 +205,16 @@ def plugins(as_json: bool) -> None:
             click.echo(f"    {kind}: {', '.join(ids)}")
         for error in p.errors:
             click.echo(f"    error: {error}")
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+def plot(results: tuple[Path, ...]) -> None:
+    """Write the PNG plots of result files (curves, attribution overlays, heatmaps) next to them."""
+    from harness.leaderboard import find_result_files
+
+    for path in find_result_files(list(results)):
+        _plot(path)
 
 
 # -- leaderboard / validate --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
@@ -115,6 +116,10 @@ class Metric(Component):
     def summarize(self, records: list[dict[str, Any]], ctx: "MetricContext") -> "Summary":
         """The headline value, its standard error, other values and artifacts."""
         raise NotImplementedError
+
+    def plot(self, result: Any, records: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
+        """Write PNGs for a finished result under ``out_dir/<run_id>/``; return {name: relative path}."""
+        return {}
 
 
 class Summary(BaseModel):

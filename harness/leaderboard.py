@@ -49,7 +49,7 @@ def row_key(result: Result) -> str:
         tag = ""
         if m.random_init:
             tag = " [random-init]"
-        elif not m.weights.startswith(("timm:", "pypi:", "pretrained")):
+        elif m.weights not in (m.source, "pretrained", ""):  # a user's --weights file
             tag = f" [{Path(m.weights).name}]"
         parts.append(m.id + tag)
     return " + ".join(parts)
@@ -89,8 +89,14 @@ class Leaderboard:
         return f"{cell.value:.4f}{err} (n={cell.n})"
 
 
-def build(results: list[Result]) -> Leaderboard:
-    """Place every ``ok`` result; for a repeated cell the newest run wins."""
+def build(results: list[Result], samples: dict[str, dict[str, float]] | None = None) -> Leaderboard:
+    """Place every ``ok`` result; for a repeated cell the newest run wins.
+
+    Where a row has both ``morf (...)`` and ``lerf (...)`` with the same attributor and masker, an
+    ``abpc (...)`` column (AUC LeRF - AUC MoRF, higher is better) is derived; its standard error is
+    the paired one when ``samples`` (run id -> sample id -> AUC) has both runs, else the two
+    standard errors combined in quadrature.
+    """
     cells: dict[tuple[str, str], Cell] = {}
     directions: dict[str, bool | None] = {}
     for result in results:
@@ -102,15 +108,52 @@ def build(results: list[Result]) -> Leaderboard:
         old = cells.get((row, column))
         if old is None or (cell.started_at, cell.run_id) > (old.started_at, old.run_id):
             cells[(row, column)] = cell
+    _add_abpc(cells, directions, samples or {})
     rows = sorted({r for r, _ in cells})
     columns = sorted({c for _, c in cells})
     return Leaderboard(rows, columns, cells, directions)
 
 
+def _add_abpc(cells: dict[tuple[str, str], Cell], directions: dict[str, bool | None], samples: dict[str, dict[str, float]]) -> None:
+    from harness.stats import mean_stderr
+
+    for (row, column), lerf in list(cells.items()):
+        if not column.startswith("lerf (") or lerf.value is None:
+            continue
+        suffix = column[len("lerf"):]
+        morf = cells.get((row, "morf" + suffix))
+        if morf is None or morf.value is None:
+            continue
+        a, b = samples.get(lerf.run_id), samples.get(morf.run_id)
+        if a and b and set(a) == set(b):
+            value, stderr = mean_stderr([a[k] - b[k] for k in sorted(a)])
+        else:
+            value = lerf.value - morf.value
+            stderr = None if lerf.stderr is None or morf.stderr is None else (lerf.stderr**2 + morf.stderr**2) ** 0.5
+        column_name = "abpc" + suffix
+        directions[column_name] = True
+        cells[(row, column_name)] = Cell(value, stderr, min(lerf.n, morf.n), f"{lerf.run_id}|{morf.run_id}", max(lerf.started_at, morf.started_at))
+
+
 def load(paths: list[Path]) -> Leaderboard:
     """Read and validate the result files under ``paths`` and build the table."""
     files = find_result_files(paths)
-    return build([read_result(p) for p in files])
+    results = [read_result(p) for p in files]
+    return build(results, _curve_aucs(files, results))
+
+
+def _curve_aucs(files: list[Path], results: list[Result]) -> dict[str, dict[str, float]]:
+    """run id -> sample id -> AUC for MoRF/LeRF results whose samples file is present."""
+    from harness.results import SamplesFile
+
+    found = {}
+    for path, result in zip(files, results):
+        if result.metric.id in ("morf", "lerf") and result.status == "ok":
+            records = SamplesFile(path.with_name(f"{result.run_id}.samples.jsonl")).read()
+            aucs = {r["sample_id"]: r["values"]["auc"] for r in records if "auc" in r.get("values", {})}
+            if aucs:
+                found[result.run_id] = aucs
+    return found
 
 
 def render(board: Leaderboard, fmt: str) -> str:

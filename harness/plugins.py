@@ -102,9 +102,17 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> tuple
             continue
         try:
             plugin = ep.load()
-            pm.register(plugin, name=f"{info.dist}:{info.name}")
         except Exception as exc:  # a broken plugin must not break the rest
             info.errors.append(f"import failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            continue
+        key = f"{info.dist}:{info.name}"
+        try:
+            pm.register(plugin, name=key)
+            pm.check_pending()  # a misspelt hook name (e.g. register_model) is an error, not silence
+        except Exception as exc:
+            if pm.get_plugin(key) is not None:
+                pm.unregister(name=key)
+            info.errors.append(f"registration failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
     return pm, loaded
 
 

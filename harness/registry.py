@@ -131,7 +131,10 @@ def _timm_knows(id: str) -> bool:
     if id.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         return True
     try:
-        return bool(timm.is_model(id))
+        arch, _, tag = id.partition(".")
+        if not timm.is_model(arch):
+            return False
+        return not tag or id in timm.list_pretrained(f"{arch}.*")
     except Exception:
         return False
 

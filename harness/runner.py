@@ -24,6 +24,7 @@ from harness.options import build_component, parse_options
 from harness.progress import progress, warn
 from harness.registry import Registry, get_registry
 from harness.results import SCHEMA_VERSION, Result, SamplesFile, write_result
+from harness.visuals import VISUAL_SAMPLES
 
 
 @dataclass
@@ -61,6 +62,7 @@ class MetricContext:
     out_dir: Path
     run_id: str
     quiet: bool = False
+    visual_ids: frozenset[str] = frozenset()
 
     @property
     def model(self) -> LoadedModel:
@@ -73,6 +75,13 @@ class MetricContext:
         path = self.out_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         return path, relative
+
+    def keep_visual(self, sample_id: str, **tensors: torch.Tensor) -> None:
+        """Store tensors (e.g. ``image=``, ``attribution=``) for plots if ``sample_id`` is among the first few."""
+        if sample_id in self.visual_ids:
+            from harness.visuals import save_visual
+
+            save_visual(self.out_dir, self.run_id, sample_id, tensors)
 
 
 @dataclass
@@ -240,6 +249,7 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
         out_dir=out,
         run_id=run.run_id,
         quiet=config.quiet,
+        visual_ids=frozenset(s.id for s in run.samples[:VISUAL_SAMPLES]),
     )
     samples_file = SamplesFile(out / f"{run.run_id}.samples.jsonl")
     if config.resume:

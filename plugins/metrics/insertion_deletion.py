@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -75,6 +76,8 @@ class CurveMetric(Metric):
             clean_scores=clean,
         )
         aucs = trapezoid_auc(curves)
+        for i, sample in enumerate(batch.samples):
+            ctx.keep_visual(sample.id, image=model.denormalise(inputs[i : i + 1])[0].clamp(0, 1), attribution=attribution[i])
         return [
             {
                 "prediction": int(p),
@@ -98,6 +101,28 @@ class CurveMetric(Metric):
                 "steps": curves.shape[1] - 1,
             },
         )
+
+
+    def plot(self, result, records, out_dir: Path) -> dict[str, str]:
+        from harness.plotting import plot_curves, plot_overlays
+        from harness.visuals import load_visuals
+
+        written = {}
+        folder = Path(out_dir) / result.run_id
+        label = self.id if result.attributor is None else f"{self.id} ({result.attributor.id})"
+        curves = torch.tensor([r["values"]["curve"] for r in records], dtype=torch.float64)
+        lines = {"mean": curves.mean(0).tolist()}
+        lines.update({r["sample_id"]: r["values"]["curve"] for r in records[:4]})
+        action = "inserted" if self.mode == "insert" else "removed"
+        plot_curves(folder / "curve.png", lines, title=f"{label}: mean AUC {result.value:.3f}",
+                    xlabel=f"fraction of regions {action}", ylabel=f"{self.options.score} of target")
+        written["curve"] = f"{result.run_id}/curve.png"
+        visuals = load_visuals(Path(out_dir), result.run_id)
+        panels = [(sid, v["image"], v["attribution"]) for sid, v in visuals.items() if "attribution" in v]
+        if panels:
+            plot_overlays(folder / "attributions.png", panels[:4], title=label)
+            written["attributions"] = f"{result.run_id}/attributions.png"
+        return written
 
 
 class Insertion(CurveMetric):
