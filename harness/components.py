@@ -109,6 +109,10 @@ class Metric(Component):
     max_models: ClassVar[int | None] = 1
     citation: ClassVar[str] = ""
 
+    def images_per_batch(self, requested: int) -> int:
+        """How many images each ``evaluate`` call gets (default: ``--batch-size``)."""
+        return requested
+
     def evaluate(self, batch: "Batch", ctx: "MetricContext") -> list[dict[str, Any]]:
         """One record per sample of ``batch``: ``{"prediction": ..., "values": {...}}``."""
         raise NotImplementedError

@@ -260,7 +260,7 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
     todo = [s for s in run.samples if s.id not in done]
     bar = progress(len(run.samples), f"{run.metric.id} {'+'.join(config.models)}", config.quiet)
     bar.update(len(run.samples) - len(todo))
-    images_per_batch = max(1, config.batch_size)
+    images_per_batch = max(1, run.metric.images_per_batch(config.batch_size))
     for start in range(0, len(todo), images_per_batch):
         kept, images = _load_images(run, todo[start : start + images_per_batch])
         if kept:

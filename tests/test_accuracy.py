@@ -84,14 +84,19 @@ def test_accuracy_on_samples_matches_independent(tmp_path, independent):
 
 
 def test_accuracy_with_wrong_labels_gives_the_right_fractions_and_stderr(tmp_path, independent):
-    """An imagenet: folder where coffee is filed as a cat (wrong everywhere) and rocket as its runner-up
-    class 744 'projectile' (wrong top-1, right top-5): top-1 = 1/3, top-5 = 2/3."""
+    """An imagenet: folder where chelsea is filed under its 5th-ranked class and rocket under its
+    runner-up (wrong top-1, right top-5), coffee as a cat (wrong everywhere) and astronaut under its own
+    prediction (right): top-1 = 1/4, top-5 = 3/4."""
     from harness_plugins.datasets import imagenet_wnids
 
     wnids = imagenet_wnids()
-    runner_up = independent["rocket"][0][1]
-    assert runner_up != LABELS["rocket"]
-    layout = {"chelsea": 285, "coffee": 285, "rocket": runner_up}
+    layout = {
+        "chelsea": independent["chelsea"][0][4],
+        "coffee": 285,
+        "rocket": independent["rocket"][0][1],
+        "astronaut": independent["astronaut"][0][0],
+    }
+    assert len(set(layout.values())) == 4
     data = tmp_path / "val"
     for name, label in layout.items():
         folder = data / wnids[label]
@@ -102,14 +107,16 @@ def test_accuracy_with_wrong_labels_gives_the_right_fractions_and_stderr(tmp_pat
     assert {n: s["label"] for n, s in by_name.items()} == layout
     top1 = [int(independent[n][0][0] == layout[n]) for n in layout]
     top5 = [int(layout[n] in independent[n][0]) for n in layout]
-    assert sorted(top1) == [0, 0, 1] and sorted(top5) == [0, 1, 1]
+    assert sorted(top1) == [0, 0, 0, 1] and sorted(top5) == [0, 1, 1, 1]
     for n, s in by_name.items():
         assert s["values"]["top1_correct"] == int(independent[n][0][0] == layout[n])
         assert s["values"]["top5_correct"] == int(layout[n] in independent[n][0])
-    assert result["value"] == pytest.approx(1 / 3)
-    assert result["values"]["top5"] == pytest.approx(2 / 3)
-    assert result["stderr"] == pytest.approx(np.std(top1, ddof=1) / math.sqrt(3))  # 1/3
-    assert result["values"]["top5_stderr"] == pytest.approx(np.std(top5, ddof=1) / math.sqrt(3))
+    assert result["value"] == pytest.approx(1 / 4)
+    assert result["values"]["top1"] == pytest.approx(1 / 4)
+    assert result["values"]["top5"] == pytest.approx(3 / 4)
+    assert result["values"]["n_labelled"] == 4
+    assert result["stderr"] == pytest.approx(np.std(top1, ddof=1) / math.sqrt(4))  # 0.25
+    assert result["values"]["top5_stderr"] == pytest.approx(np.std(top5, ddof=1) / math.sqrt(4))
 
 
 def test_accuracy_without_labels_is_an_error(tmp_path):

@@ -64,6 +64,13 @@ def test_blur_non_square_and_small_sigma():
     assert np.abs(got - images).max() > 0.05
 
 
+def test_blur_of_an_image_smaller_than_half_the_kernel():
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(1, 3, 20, 20)).astype(np.float32)
+    got = gaussian_blur(torch.from_numpy(images), 51, 50.0).numpy()
+    np.testing.assert_allclose(got, reference_blur(images, 51, 50.0), atol=1e-5)
+
+
 def test_blur_of_constant_is_constant(imagenet_model):
     images = torch.full((1, 3, 64, 64), 0.7)
     images[:, 1] = -1.3

@@ -245,10 +245,11 @@ def test_perfect_attribution_beats_random(tmp_path, granularity):
             assert dp["values"]["curve"][4] == pytest.approx(0.1, abs=1e-5)  # logits all 0 -> 1/10
 
 
-def test_perfect_insertion_patch_curve_is_analytic(tmp_path):
+@pytest.mark.parametrize("score", ["softmax", "logit"])
+def test_perfect_insertion_patch_curve_is_analytic(tmp_path, score):
     """patch:8 on 32 px: the quadrant is patches 0, 1, 4, 5 (inserted in index order), black = 0."""
     masker = BlackFill(BlackFill.Options(granularity="patch:8"))
-    records, model = _evaluate(Insertion(Insertion.Options(steps=16)), PerfectAttributor(), masker, tmp_path)
+    records, model = _evaluate(Insertion(Insertion.Options(steps=16, score=score)), PerfectAttributor(), masker, tmp_path)
     inputs = _quadrant_batch().inputs(model)
     for b, record in enumerate(records):
         x = inputs[b]
@@ -256,10 +257,31 @@ def test_perfect_insertion_patch_curve_is_analytic(tmp_path):
         expected = []
         for k in range(17):
             evidence = 10 * sum(patch_sums[: min(k, 4)]) / (3 * 16 * 16)
-            expected.append(math.exp(evidence) / (math.exp(evidence) + 9))
+            expected.append(math.exp(evidence) / (math.exp(evidence) + 9) if score == "softmax" else evidence)
         np.testing.assert_allclose(record["values"]["curve"], expected, rtol=1e-5)
         auc = sum((expected[i] + expected[i + 1]) / 2 for i in range(16)) / 16
         assert record["values"]["auc"] == pytest.approx(auc, rel=1e-5)
+
+
+def test_target_label_scores_the_ground_truth_class(tmp_path):
+    """target=label scores the labelled class (the prediction where there is no label)."""
+    from harness_plugins.metrics.insertion_deletion import choose_targets
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    assert choose_targets(logits, [None, None], "predicted").tolist() == [1, 0]
+    assert choose_targets(logits, [2, None], "label").tolist() == [2, 0]
+    assert choose_targets(logits, [2, 1], "predicted").tolist() == [1, 0]
+    batch = _quadrant_batch()
+    batch = Batch(samples=[Sample(id=s.id, path="", label=3) for s in batch.samples], images=batch.images, seeds=batch.seeds)
+    model = wrap_module(QuadrantNet(), size=SIZE)
+    ctx = MetricContext(models=[model], attributor=PerfectAttributor(), masker=BlackFill(), seed=0, batch_size=16,
+                        out_dir=tmp_path, run_id="label")
+    records = Insertion(Insertion.Options(steps=4, target="label")).evaluate(batch, ctx)
+    for record, x in zip(records, batch.inputs(model)):
+        assert record["prediction"] == 0 and record["values"]["target"] == 3
+        evidence = 10 * float(x[:, :16, :16].mean())
+        assert record["values"]["clean_score"] == pytest.approx(1 / (math.exp(evidence) + 9), rel=1e-5)
+        assert record["values"]["curve"][0] == pytest.approx(0.1, rel=1e-5)  # black baseline: uniform
 
 
 # -- (c) the AUC -------------------------------------------------------------------------------------------
@@ -278,6 +300,8 @@ def test_trapezoid_auc():
 
 def test_step_counts():
     assert step_counts(100, 4).tolist() == [0, 25, 50, 75, 100]
+    assert step_counts(7, 4).tolist() == [0, 2, 4, 5, 7]  # round(1.75), round(3.5), round(5.25)
+    assert step_counts(10, 3).tolist() == [0, 3, 7, 10]
     assert step_counts(49, 49).tolist() == list(range(50))
     counts = step_counts(25600, 50)
     assert counts[0] == 0 and counts[-1] == 25600 and len(counts) == 51

@@ -270,13 +270,18 @@ def _assert_same_record(got: dict, want: dict):
     assert got["values"]["auc"] == pytest.approx(want["values"]["auc"], rel=1e-6)
 
 
-def test_resume_repairs_a_half_written_last_line(first, tmp_path, count_evaluations):
+@pytest.mark.parametrize("cut", ["half", "newline"])
+def test_resume_repairs_a_half_written_last_line(first, tmp_path, count_evaluations, cut):
     out = _copy_run(first, tmp_path)
     samples_path = _samples_path(out / first[0].name)
-    half = first[2][1][: len(first[2][1]) // 2]
-    samples_path.write_text(first[2][0] + half)  # a crash in the middle of writing coffee
+    line = first[2][1]
+    partial = line[: len(line) // 2] if cut == "half" else line[:-1]  # a crash while writing coffee
+    samples_path.write_text(first[2][0] + partial)
     _, r, samples = _run(out, "--resume")
-    assert count_evaluations == [["coffee"]]
+    if cut == "half":
+        assert count_evaluations == [["coffee"]]
+    else:  # whole JSON without its newline: recomputing it or keeping it are both fine, gluing is not
+        assert count_evaluations in ([["coffee"]], [])
     assert len(samples) == 2 and samples[0] == first[2][0]
     assert all(line.endswith("\n") for line in samples)
     for line in samples:
@@ -299,6 +304,16 @@ def test_resume_with_no_samples_file_runs_everything(first, tmp_path, count_eval
     _, r, samples = _run(out, "--resume")
     assert count_evaluations == [["chelsea", "coffee"]]
     assert samples == first[2] and r["value"] == first[1]["value"]
+
+
+def test_written_files_have_ordinary_permissions(first):
+    """Atomic writes must not change the mode a plain open() would give (0666 minus the umask)."""
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (first[0], _samples_path(first[0])):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
 def test_samples_file_read_drops_only_a_partial_tail(tmp_path):

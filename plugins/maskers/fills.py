@@ -29,15 +29,27 @@ def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
+def reflect_101_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Indices of a length-``n`` axis padded by ``pad`` on both sides with reflect-101 borders
+    (cv2's BORDER_REFLECT_101, scipy's 'mirror'), for any ``pad`` — even one larger than the axis."""
+    idx = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx >= n, period - idx, idx)
+
+
 def gaussian_blur(inputs: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with reflect-101 borders (cv2.GaussianBlur's default)."""
     kernel = gaussian_kernel(size, sigma).to(inputs.device)
     channels = inputs.shape[1]
     pad = size // 2
     out = inputs
-    for shape, padding in (((1, size), (pad, pad, 0, 0)), ((size, 1), (0, 0, pad, pad))):
+    for dim, shape in ((3, (1, size)), (2, (size, 1))):
         weight = kernel.view(1, 1, *shape).expand(channels, 1, *shape)
-        out = F.conv2d(F.pad(out, padding, mode="reflect"), weight, groups=channels)
+        padded = out.index_select(dim, reflect_101_index(out.shape[dim], pad, inputs.device))
+        out = F.conv2d(padded, weight, groups=channels)
     return out
 
 

@@ -1,0 +1,274 @@
+"""The SAG search for minimal sufficient explanations (Shitole et al., NeurIPS 2021) and the
+sub-explanation count of Jiang, Khorram & Li Fuxin (CVPR 2024), batched across candidates and images.
+
+Each image's search is a generator that yields the patch sets it needs confidences for and receives
+them back; :class:`ConfidenceOracle` answers the queries of all images of a batch in shared,
+fixed-size forward passes and never evaluates a patch set twice (a cache per image). The generators
+therefore express the published sequential procedures exactly, while the evaluation is batched.
+
+Patch sets are sorted tuples of grid-cell indices (row-major). An image with patch set S is
+``M * x + (1 - M) * baseline`` where M is the sum of S's bilinear tents (``grid:G``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Generator, Literal
+
+import torch
+
+from harness.batching import map_in_chunks
+from harness.model import LoadedModel
+from harness.regions import Granularity
+from harness.scoring import ScoreKind, target_scores
+
+PatchSet = tuple[int, ...]
+Queries = tuple[str, list[PatchSet]]  # (phase, patch sets)
+Search = Generator[Queries, dict[PatchSet, float], object]
+
+
+# -- evaluating patch sets ---------------------------------------------------------------------------
+@dataclass
+class ConfidenceOracle:
+    """Confidences of patch sets for a batch of images, cached per image, evaluated in chunks."""
+
+    model: LoadedModel
+    inputs: torch.Tensor
+    baseline: torch.Tensor
+    granularity: Granularity
+    target: torch.Tensor
+    score: ScoreKind = "softmax"
+    chunk_size: int | None = None
+    cache: list[dict[PatchSet, float]] = field(init=False)
+    passes: list[dict[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache = [{} for _ in range(len(self.inputs))]
+        self.passes = [{} for _ in range(len(self.inputs))]
+
+    def evaluate(self, queries: list[tuple[int, str, PatchSet]]) -> None:
+        """Evaluate every (image, phase, patch set) not cached yet, in forward passes of ``chunk_size``."""
+        todo: list[tuple[int, PatchSet]] = []
+        seen: set[tuple[int, PatchSet]] = set()
+        for image, phase, patches in queries:
+            key = (image, patches)
+            if patches in self.cache[image] or key in seen:
+                continue
+            seen.add(key)
+            todo.append(key)
+            self.passes[image][phase] = self.passes[image].get(phase, 0) + 1
+        if not todo:
+            return
+        n_regions = self.granularity.n_regions
+        images = torch.tensor([i for i, _ in todo], device=self.inputs.device)
+        keep = torch.zeros(len(todo), n_regions, device=self.inputs.device)
+        for row, (_, patches) in enumerate(todo):
+            if patches:
+                keep[row, list(patches)] = 1.0
+
+        def chunk(start: int, stop: int) -> torch.Tensor:
+            b = images[start:stop]
+            mask = self.granularity.render(keep[start:stop]).to(self.inputs.dtype)
+            composite = mask * self.inputs[b] + (1 - mask) * self.baseline[b]
+            return target_scores(self.model.module(composite), self.target[b], self.score)
+
+        with torch.inference_mode():
+            values = map_in_chunks(len(todo), self.chunk_size or self.model.batch_size, chunk).tolist()
+        for (image, patches), value in zip(todo, values):
+            self.cache[image][patches] = value
+
+    def drive(self, searches: dict[int, Search]) -> dict[int, object]:
+        """Run the searches in lockstep: each round answers all their pending queries at once."""
+        results: dict[int, object] = {}
+        pending: dict[int, Queries] = {}
+        for image, search in searches.items():
+            try:
+                pending[image] = next(search)
+            except StopIteration as stop:
+                results[image] = stop.value
+        while pending:
+            self.evaluate([(i, phase, s) for i, (phase, sets) in pending.items() for s in sets])
+            advanced: dict[int, Queries] = {}
+            for image, (_, sets) in pending.items():
+                try:
+                    advanced[image] = searches[image].send({s: self.cache[image][s] for s in sets})
+                except StopIteration as stop:
+                    results[image] = stop.value
+            pending = advanced
+        return results
+
+
+# -- the search -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchSettings:
+    """SAG's published parameters (beam width: see ``beam_width``)."""
+
+    threshold: float = 0.9
+    candidates: int = 15
+    beam_width: int = 3
+    max_roots: int = 10
+    max_depth: int = 49
+    pruning: Literal["batched", "sequential"] = "batched"
+
+
+@dataclass
+class SearchResult:
+    """The MSEs (pruned roots) of one image, in the order found, with their confidences."""
+
+    roots: list[PatchSet]
+    confidences: dict[PatchSet, float]
+    depth: int
+
+
+def beam_search(ranking: list[int], p0: float, s: SearchSettings) -> Search:
+    """Beam search from the empty set for sufficient patch sets (``p > threshold * p0``), pruned to MSEs.
+
+    Every beam member is extended by each of its ``candidates`` most important unused patches (in
+    ``ranking`` order); successors (distinct sets) are sorted by confidence, descending (ties: order
+    of generation); sufficient ones are pruned into roots, the others fill the next beam up to
+    ``beam_width``. The search stops after the depth at which more than ``max_roots`` distinct roots
+    exist, when the beam is empty, or at ``max_depth``.
+    """
+    bar = s.threshold * p0
+    beam: list[PatchSet] = [()]
+    roots: list[PatchSet] = []
+    confidences: dict[PatchSet, float] = {}
+    depth = 0
+    for depth in range(1, s.max_depth + 1):
+        successors: list[PatchSet] = []
+        seen: set[PatchSet] = set()
+        for node in beam:
+            used = set(node)
+            for patch in [p for p in ranking if p not in used][: s.candidates]:
+                child = tuple(sorted((*node, patch)))
+                if child not in seen:
+                    seen.add(child)
+                    successors.append(child)
+        if not successors:
+            break
+        conf = yield ("search", successors)
+        confidences.update(conf)
+        order = sorted(range(len(successors)), key=lambda i: (-conf[successors[i]], i))
+        sufficient = [successors[i] for i in order if conf[successors[i]] > bar]
+        beam = [successors[i] for i in order if conf[successors[i]] <= bar][: s.beam_width]
+        if sufficient:
+            prune = prune_batched if s.pruning == "batched" else prune_sequential
+            pruned, pruned_conf = yield from prune(sufficient, {k: conf[k] for k in sufficient}, bar)
+            confidences.update(pruned_conf)
+            for root in pruned:
+                if root not in roots:
+                    roots.append(root)
+        if len(roots) > s.max_roots or not beam:
+            break
+    return SearchResult(roots=roots, confidences=confidences, depth=depth)
+
+
+def prune_sequential(sets: list[PatchSet], conf: dict[PatchSet, float], bar: float) -> Generator[Queries, dict[PatchSet, float], tuple[list[PatchSet], dict[PatchSet, float]]]:
+    """SAG's pruning, one removal at a time: passes over the patches in row-major order, dropping a
+    patch whenever the rest stays sufficient, until a pass removes nothing (never down to the empty set)."""
+    known = dict(conf)
+    out = []
+    for current in sets:
+        while True:
+            removed = False
+            for patch in list(current):
+                if patch not in current or len(current) == 1:
+                    continue
+                trial = tuple(p for p in current if p != patch)
+                if trial not in known:
+                    known.update((yield ("pruning", [trial])))
+                if known[trial] > bar:
+                    current, removed = trial, True
+            if not removed:
+                break
+        out.append(current)
+    return out, known
+
+
+def prune_batched(sets: list[PatchSet], conf: dict[PatchSet, float], bar: float) -> Generator[Queries, dict[PatchSet, float], tuple[list[PatchSet], dict[PatchSet, float]]]:
+    """The same result as :func:`prune_sequential`, for all ``sets`` at once.
+
+    Within a pass, all remaining single-patch removals of the current set are evaluated together and
+    the first sufficient one in row-major order is taken — exactly the removal the sequential pass
+    would make next, since the removals before it are tested against the same set and fail.
+    """
+    known = dict(conf)
+    # per set: current set, patches of this pass still to try (row-major), removed in this pass?
+    state = [[s, list(s), False] for s in sets]
+    active = [i for i in range(len(state))]
+    while active:
+        queries: list[PatchSet] = []
+        for i in active:
+            current, todo, _ = state[i]
+            for patch in todo:
+                trial = tuple(p for p in current if p != patch)
+                if len(current) > 1 and trial not in known:
+                    queries.append(trial)
+        if queries:
+            known.update((yield ("pruning", list(dict.fromkeys(queries)))))
+        still = []
+        for i in active:
+            current, todo, removed = state[i]
+            taken = None
+            if len(current) > 1:
+                for k, patch in enumerate(todo):
+                    trial = tuple(p for p in current if p != patch)
+                    if known[trial] > bar:
+                        taken = k
+                        break
+            if taken is not None:
+                current = tuple(p for p in current if p != todo[taken])
+                state[i] = [current, todo[taken + 1 :], True]
+                still.append(i)
+            elif removed:
+                state[i] = [current, list(current), False]  # a new pass
+                still.append(i)
+            else:
+                state[i][1] = []
+        active = still
+    return [st[0] for st in state], known
+
+
+# -- sub-explanations -------------------------------------------------------------------------------
+@dataclass
+class SubexplanationCount:
+    """Relative confidences of the proper subsets of an image's MSEs that were evaluated."""
+
+    relative: dict[PatchSet, float]
+    truncated: bool = False
+
+
+def count_subexplanations(mses: list[PatchSet], p0: float, lowest: float, exhaustive_max: int, max_nodes: int) -> Search:
+    """Evaluate the proper non-empty subsets of each MSE.
+
+    MSEs of at most ``exhaustive_max`` patches: every proper subset. Larger ones: the patch deletion
+    tree — children remove one patch, and a node is expanded while its relative confidence is at
+    least ``lowest``. At most ``max_nodes`` subsets per image (then ``truncated``).
+    """
+    relative: dict[PatchSet, float] = {}
+    truncated = False
+    for mse in mses:
+        if len(mse) <= exhaustive_max:
+            subsets = [c for k in range(1, len(mse)) for c in combinations(mse, k) if c not in relative]
+            if len(relative) + len(subsets) > max_nodes:
+                subsets, truncated = subsets[: max(0, max_nodes - len(relative))], True
+            if subsets:
+                conf = yield ("counting", subsets)
+                relative.update({k: v / p0 for k, v in conf.items()})
+            continue
+        level = [mse]
+        while level:
+            children = list(dict.fromkeys(
+                tuple(p for p in node if p != patch) for node in level for patch in node if len(node) > 1
+            ))
+            fresh = [c for c in children if c not in relative]
+            if len(relative) + len(fresh) > max_nodes:
+                fresh, truncated = fresh[: max(0, max_nodes - len(relative))], True
+            if fresh:
+                conf = yield ("counting", fresh)
+                relative.update({k: v / p0 for k, v in conf.items()})
+            level = [c for c in children if c in relative and relative[c] >= lowest]
+            if truncated:
+                break
+    return SubexplanationCount(relative=relative, truncated=truncated)
