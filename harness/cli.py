@@ -38,7 +38,7 @@ def cli() -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per metric step and forward-pass chunk.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:K.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
-@click.option("--weights", "weights", multiple=True, type=click.Path(), help="Weights file per --model (.safetensors or weights-only torch file).")
+@click.option("--weights", "weights", multiple=True, type=click.Path(), help="Weights file per --model in order, or ID=PATH for a named model (.safetensors or weights-only torch file).")
 @click.option("--random-init", is_flag=True, help="Use untrained weights on purpose (marked in every output).")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="Component option, e.g. -o metric.steps=50 -o masker.granularity=patch:8.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Output folder.")
@@ -167,11 +167,79 @@ def _component_rows(kind: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _layer_rows(model_id: str, random_init: bool) -> list[dict[str, Any]]:
+    """Every module of a model (definition order) with its per-image output shape and the metrics
+    whose default layer selection includes it (metrics that define a ``default_layers(module)`` classmethod)."""
+    import torch
+
+    from harness.model import load_model
+    from harness.registry import get_registry
+
+    reg = get_registry()
+    loaded = load_model(reg.model_spec(model_id), random_init=random_init)
+    root = loaded.module
+    defaults: dict[str, list[str]] = {}
+    for metric_id, entry in sorted(reg.components["metric"].items()):
+        chooser = getattr(entry.obj, "default_layers", None)
+        if callable(chooser):
+            for layer in chooser(root):
+                defaults.setdefault(layer, []).append(metric_id)
+    shapes: dict[str, Any] = {}
+
+    def shape_of(value: Any) -> Any:
+        value = value[0] if isinstance(value, (tuple, list)) and value else value
+        return list(value.shape[1:]) if isinstance(value, torch.Tensor) else None
+
+    def record(layer: str, value: Any) -> None:
+        shapes.setdefault(layer, shape_of(value))  # hooks must return None (a value would replace the output)
+
+    handles = []
+    for name, module in root.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(lambda m, a, out, n=name: record(n, out)))
+            if f"{name}:in" in defaults:
+                handles.append(module.register_forward_pre_hook(lambda m, a, n=f"{name}:in": record(n, a)))
+    try:
+        with torch.inference_mode():
+            root(torch.zeros(1, *loaded.input_size, device=loaded.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for name, module in root.named_modules():
+        if not name:
+            continue
+        for layer, kind in ((f"{name}:in", f"input of {type(module).__name__}"), (name, type(module).__name__)):
+            if layer == name or layer in defaults:
+                rows.append({"layer": layer, "type": kind, "shape": shapes.get(layer), "default_for": defaults.get(layer, [])})
+    return rows
+
+
 @cli.command(name="list")
-@click.argument("kind", required=False, type=click.Choice(KINDS))
+@click.argument("kind", required=False, type=click.Choice([*KINDS, "layers"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_components(kind: str | None, as_json: bool) -> None:
-    """List registered components (all kinds, or one). Any timm model id also works as a model."""
+@click.option("--model", "model_id", metavar="ID", help="With `layers`: the model whose layers (module names) to list.")
+@click.option("--random-init", is_flag=True, help="With `layers`: build the model untrained (no weights needed).")
+def list_components(kind: str | None, as_json: bool, model_id: str | None, random_init: bool) -> None:
+    """List registered components (all kinds, or one). Any timm model id also works as a model.
+
+    `harness list layers --model ID` lists a model's module names (for `-o metric.layers=GLOB,...`; NAME:in is a
+    module's input), their per-image output shapes and which metrics select them by default.
+    """
+    if kind == "layers":
+        if not model_id:
+            raise HarnessError("`harness list layers` needs --model ID")
+        rows = _layer_rows(model_id, random_init)
+        if as_json:
+            _echo_json(rows)
+            return
+        from tabulate import tabulate
+
+        table = [[r["layer"], r["type"], "x".join(map(str, r["shape"])) if r["shape"] else "", ", ".join(r["default_for"])] for r in rows]
+        click.echo(tabulate(table, headers=["layer", "type", "shape", "default for"], tablefmt="plain"))
+        return
+    if model_id or random_init:
+        raise HarnessError("--model and --random-init apply only to `harness list layers`")
     kinds = [kind] if kind else list(KINDS)
     data = {k: _component_rows(k) for k in kinds}
     if as_json:

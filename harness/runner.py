@@ -98,6 +98,28 @@ class ResolvedRun:
     identity: dict[str, Any]
 
 
+def weights_for(config: RunConfig) -> list[str | None]:
+    """One weights file (or None: the default weights) per model of ``config``.
+
+    ``--weights`` is either one PATH per ``--model`` in order, or ``ID=PATH`` entries naming the
+    models they are for (models without one use their default weights; in suites, entries for models
+    that are not in a run are ignored there).
+    """
+    entries = list(config.weights)
+    if not entries:
+        return [None] * len(config.models)
+    keyed = [e.partition("=") for e in entries]
+    if all(sep and key and not Path(e).exists() for e, (key, sep, _) in zip(entries, keyed)):
+        mapping = {key: path for key, _, path in keyed}
+        return [mapping.get(m) for m in config.models]
+    if len(entries) != len(config.models):
+        raise HarnessError(
+            f"give one --weights per --model ({len(config.models)}), got {len(entries)}; "
+            "or name the model: --weights ID=PATH"
+        )
+    return entries  # type: ignore[return-value]
+
+
 def parse_data(spec: str) -> tuple[str, str | None]:
     """``samples`` / ``imagenet:PATH`` / ``folder:PATH`` -> (dataset id, path or None)."""
     name, sep, path = spec.partition(":")
@@ -126,8 +148,7 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
         raise HarnessError(f"--limit must be at least 1, got {config.limit}")
     if config.batch_size < 1:
         raise HarnessError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if config.weights and len(config.weights) != n_models:
-        raise HarnessError(f"give one --weights per --model ({n_models}), got {len(config.weights)}")
+    per_model_weights = weights_for(config)
 
     classes: dict[str, Any] = {"metric": metric_cls}
     for kind, wanted, needed, default in (
@@ -157,7 +178,7 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
     if config.limit is not None:
         samples = samples[: config.limit]
 
-    weights = [str(Path(w).resolve()) for w in config.weights] or [None] * n_models
+    weights = [str(Path(w).resolve()) if w else None for w in per_model_weights]
     identity = {
         "schema_version": SCHEMA_VERSION,
         "models": [
@@ -226,7 +247,7 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
     started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    weights = config.weights or [None] * len(config.models)
+    weights = weights_for(config)
     models = [
         load_model(
             reg.model_spec(model_id),

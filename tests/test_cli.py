@@ -3,11 +3,13 @@ the real console script end to end, progress bars, suites and ``--resume`` on a 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tomllib
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -195,6 +197,10 @@ def test_unknown_id_exits_2_with_one_line_and_close_match(cli, tmp_path, args, k
         ((*RUN_ACCURACY, "--model", LITE), ["takes 1 --model, got 2"]),
         ((*RUN_ACCURACY, "--weights", "a.safetensors", "--weights", "b.safetensors"), ["one --weights per --model"]),
         ((*RUN_ACCURACY, "--limit", "abc"), ["--limit", "'abc'"]),
+        ((*RUN_ACCURACY, "--data", "folder:/nonexistent/harness-tests"), ["is not a folder"]),
+        ((*RUN_ACCURACY, "--device", "bogus"), ["unknown device 'bogus'"]),
+        ((*RUN_ACCURACY, "--weights", "/nonexistent/w.safetensors"), ["weights file not found"]),
+        ((*RUN_ACCURACY, "--weights", "w.safetensors", "--random-init"), ["exclude each other"]),
         ((*RUN_ACCURACY, "--no-such-flag"), ["--no-such-flag"]),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -302,16 +308,37 @@ def _run_on_pty(args: list[str], cwd: Path) -> tuple[int, str]:
     return proc.wait(timeout=300), b"".join(chunks).decode("utf-8", "replace")
 
 
+TINY_ACCURACY = ("run", "--model", "test_resnet", "--random-init", "--metric", "accuracy", "--limit", "2")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminals as on Linux")
-def test_progress_bar_on_a_terminal_and_quiet_silences_it(tmp_path):
-    base = ["run", "--model", "test_resnet", "--random-init", "--metric", "accuracy", "--limit", "2",
-            "--out", str(tmp_path / "r")]
-    code, terminal = _run_on_pty(base, tmp_path)
+def test_progress_bar_on_a_real_terminal(tmp_path):
+    code, terminal = _run_on_pty([*TINY_ACCURACY, "--out", str(tmp_path / "r")], tmp_path)
     assert code == 0, terminal
     assert "accuracy test_resnet" in terminal and "img" in terminal, terminal
-    code, terminal = _run_on_pty([*base, "--quiet"], tmp_path)
-    assert code == 0, terminal
-    assert terminal.strip() == "", terminal
+
+
+class _TtyBuffer(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["bar", "quiet"])
+def test_progress_bar_on_a_terminal_unless_quiet(tmp_path, quiet):
+    from harness.cli import main
+
+    err, out = _TtyBuffer(), io.StringIO()
+    args = [*TINY_ACCURACY, "--out", str(tmp_path / "r"), *(["--quiet"] if quiet else [])]
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as exc:
+            assert not exc.code, err.getvalue()
+    assert out.getvalue().startswith("accuracy test_resnet: ")
+    if quiet:
+        assert err.getvalue() == ""
+    else:
+        assert "accuracy test_resnet" in err.getvalue() and "2/2" in err.getvalue(), err.getvalue()
 
 
 # -- suites -----------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The CVPR 2024 (Jiang, Khorram, Li Fuxin) variants: ConvNeXt-T-3(-GN/-BN), Swin-T-4(-GN/-BN).
 
-Each variant is built once (random init) and shared by the module's tests; parameter counts and key
-formats of timm's own builders come from meta-device models (no memory, no init).
+Each variant is built once and shared by the module's tests (the GN/BN variants reuse the random
+weights of the LayerNorm one); ``load_model`` builds each for real when it loads a checkpoint.
+Parameter counts and key formats of timm's own builders come from meta-device models.
 """
 
 from __future__ import annotations
@@ -64,15 +65,37 @@ def _randomise_norms(model: nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def built():
-    """``built(id)`` -> that variant (random init, seed 0, norms randomised, eval), built once per module."""
+    """``built(id)`` -> that variant with random weights and randomised norms (eval), built once per module.
+
+    convnext_t_3 and swin_t_4 are timm's random init (seed 0). Their GN/BN variants are built on the
+    meta device and take the same random tensors (timm's init of 28M weights costs over a CPU second;
+    ``load_model`` below still runs every variant's real ``build(False)``).
+    """
     cache: dict[str, nn.Module] = {}
 
     def get(model_id: str) -> nn.Module:
-        if model_id not in cache:
+        if model_id in cache:
+            return cache[model_id]
+        spec = get_registry().model_spec(model_id)
+        base = "convnext_t_3" if model_id.startswith("convnext") else "swin_t_4"
+        if model_id == base:
             torch.manual_seed(0)
-            model = get_registry().model_spec(model_id).build(False).eval()
-            _randomise_norms(model, seed=1)
-            cache[model_id] = model
+            model = spec.build(False)
+        else:
+            with torch.device("meta"):
+                model = spec.build(False)
+            own = model.state_dict()
+            state = {k: v.clone() for k, v in get(base).state_dict().items()}
+            if base == "convnext_t_3":
+                state = cvpr2024.convnext_mlp_weights(state, conv=True)
+            state.update({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in own.items() if k not in state})  # BN stats
+            model.to_empty(device="cpu")
+            model.load_state_dict(state, strict=True, assign=True)
+            for m in model.modules():
+                if hasattr(m, "init_non_persistent_buffers"):  # Swin's relative-position indices and shift masks
+                    m.init_non_persistent_buffers()
+        _randomise_norms(model, seed=1)
+        cache[model_id] = model.eval()
         return cache[model_id]
 
     yield get
@@ -99,8 +122,9 @@ def test_ids_are_listed_by_the_cli(cli):
     result = cli("list", "models", "--json")
     assert result.exit_code == 0, result.stderr
     rows = {row["id"]: row for row in json.loads(result.stdout)}
-    names = {"convnext_t_3": "ConvNeXt-T-3 ", "convnext_t_3_gn": "ConvNeXt-T-3-GN", "convnext_t_3_bn": "ConvNeXt-T-3-BN",
-             "swin_t_4": "Swin-T-4 ", "swin_t_4_gn": "Swin-T-4-GN", "swin_t_4_bn": "Swin-T-4-BN"}
+    names = {"convnext_t_3": "ConvNeXt-T-3 ", "convnext_t_3_gn": "ConvNeXt-T-3-GN",
+             "convnext_t_3_bn": "ConvNeXt-T-3-BN", "swin_t_4": "Swin-T-4 ", "swin_t_4_gn": "Swin-T-4-GN",
+             "swin_t_4_bn": "Swin-T-4-BN"}
     for model_id, name in names.items():
         row = rows[model_id]
         assert row["provider"].endswith(":cvpr2024_models")
@@ -243,9 +267,11 @@ def test_state_dicts_match_timms_own_builders(built):
     # ConvNeXt GN/BN vs LN: MLP weights are (out, in, 1, 1) instead of (out, in)
     ln, gn = _shapes(built("convnext_t_3")), _shapes(built("convnext_t_3_gn"))
     assert set(ln) == set(gn)
-    assert gn["stages.0.blocks.0.mlp.fc1.weight"] == (384, 96, 1, 1) and ln["stages.0.blocks.0.mlp.fc1.weight"] == (384, 96)
+    assert gn["stages.0.blocks.0.mlp.fc1.weight"] == (384, 96, 1, 1)
+    assert ln["stages.0.blocks.0.mlp.fc1.weight"] == (384, 96)
     assert {k for k in ln if ln[k] != gn[k]} == {
-        f"stages.{s}.blocks.{b}.mlp.fc{j}.weight" for s, d in enumerate(CONVNEXT_DEPTHS) for b in range(d) for j in (1, 2)
+        f"stages.{s}.blocks.{b}.mlp.fc{j}.weight"
+        for s, d in enumerate(CONVNEXT_DEPTHS) for b in range(d) for j in (1, 2)
     }
 
 
@@ -259,6 +285,15 @@ def test_builder_options():
         cvpr2024.build_convnext_t_3("gn", gn_groups=5)
     with pytest.raises(HarnessError, match="unknown norm 'in'"):
         cvpr2024.build_swin_t_4("in")
+
+
+def test_a_timm_without_per_stage_windows_is_an_error(monkeypatch):
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: create(name, **{**kw, "window_size": 7}))
+    with torch.device("meta"), pytest.raises(HarnessError, match=r"windows \(\(7, 7\), .* not \(4, 4, 7, 7\)"):
+        cvpr2024.build_swin_t_4()
 
 
 # -- the channels-last wrappers and the Linear-MLP ConvNeXt layout -------------------------------------------
@@ -282,7 +317,8 @@ def test_channels_last_norms_equal_the_channels_first_ones():
         bn.train(train), bn_ref.train(train)
         expected = bn_ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         assert torch.allclose(bn(x), expected, atol=1e-5), f"train={train}"
-        assert torch.allclose(bn.running_mean, bn_ref.running_mean) and torch.allclose(bn.running_var, bn_ref.running_var)
+        assert torch.allclose(bn.running_mean, bn_ref.running_mean)
+        assert torch.allclose(bn.running_var, bn_ref.running_var)
     assert torch.allclose(bn(x.reshape(4, 30, 64)), expected.reshape(4, 30, 64), atol=1e-5)
 
 
@@ -296,7 +332,8 @@ def test_convnext_linear_mlp_layout_computes_the_same_function(built):
     assert all(type(m) is nn.BatchNorm2d for n, m in norms.items() if ".blocks." not in n)
     state = cvpr2024.convnext_mlp_weights(source.state_dict(), conv=False)
     linear.load_state_dict(state, strict=True, assign=True)
-    assert _shapes(source) == {k: tuple(v.shape) for k, v in cvpr2024.convnext_mlp_weights(linear.state_dict(), conv=True).items()}
+    back = cvpr2024.convnext_mlp_weights(linear.state_dict(), conv=True)
+    assert _shapes(source) == {k: tuple(v.shape) for k, v in back.items()}
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.allclose(linear(x), source(x), atol=1e-4, rtol=1e-4)
@@ -323,5 +360,5 @@ def test_forward_and_safetensors_checkpoint_round_trip(built, model_id, tmp_path
     assert loaded.weights_sha256 == state_dict_sha256(model)
     assert loaded.input_size == (3, 224, 224) and loaded.data_config["interpolation"] == "bicubic"
     with torch.no_grad():
-        again = loaded.module(x)
-    assert torch.allclose(out, again, atol=1e-5, rtol=1e-5)
+        again = loaded.module(x[:1])  # eval mode: each image's logits are independent of the batch
+    assert torch.allclose(out[:1], again, atol=1e-5, rtol=1e-5)

@@ -55,7 +55,7 @@ def plot_tree(path: Path, visual: dict[str, torch.Tensor], record: dict[str, Any
     for row, tree in enumerate(trees):
         top = 1 - row / len(trees)
         band = 1 / len(trees)
-        _thumb(fig, visual, tree["patches"], grid, 0.5, top - 0.05 * band, band, f"MSE {tree['relative']:.2f}", bold=True)
+        _thumb(fig, visual, tree["patches"], grid, 0.5, top - 0.07 * band, band, f"MSE {tree['relative']:.2f}", bold=True)
         children = tree["children"]
         for k, child in enumerate(children):
             x = (k + 0.5) / len(children)
@@ -69,7 +69,8 @@ def plot_tree(path: Path, visual: dict[str, torch.Tensor], record: dict[str, Any
                 _edge(fig, x, top - 0.70 * band, x, top - 0.74 * band)
                 _thumb(fig, visual, grand, grid, x, top - 0.74 * band, band, f"-{g['removed']}: {g['relative']:.2f}",
                        faded=g["relative"] < 0.5)
-    fig.suptitle(f"{record['sample_id']}: sub-explanation tree (relative confidence)", fontsize=9)
+    fig.text(0.01, 0.995, f"{record['sample_id']}: sub-explanation tree (relative confidence; faded < 0.5)",
+             fontsize=8, va="top")
     fig.savefig(path)
     plt.close(fig)
 

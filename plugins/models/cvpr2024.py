@@ -41,7 +41,13 @@ LayerNorm; BatchNorm adds ``running_mean``, ``running_var`` and ``num_batches_tr
 norm. ``convnext_t_3_gn`` / ``_bn`` equal the state dicts of ``timm.create_model("convnext_tiny",
 kernel_sizes=3, conv_mlp=True, norm_layer="groupnorm" / "batchnorm2d")``. ``swin_t_4_gn`` has
 exactly the keys and shapes of ``swin_t_4`` (a LayerNorm checkpoint would load without error, so
-pick the id that matches how the weights were trained).
+pick the id that matches how the weights were trained). ``convnext_t_3`` keeps timm's LayerNorm layout:
+``LayerNorm2d`` (channels-first) for the stem, downsamplers and head, channels-last ``LayerNorm`` in
+the blocks, eps 1e-6. Checkpoints from the original repositories (facebookresearch/ConvNeXt,
+microsoft/Swin-Transformer: ``downsample_layers``/``dwconv``/``pwconv`` names, Swin's downsampler at
+the end of a stage, persistent ``relative_position_index``/``attn_mask``) convert once with timm's
+``checkpoint_filter_fn(state_dict, model)`` of ``timm.models.convnext`` / ``timm.models.swin_transformer``
+and ``safetensors.torch.save_file``.
 """
 
 from __future__ import annotations
@@ -68,8 +74,9 @@ NARROWEST_NORM = 96  # every norm of both networks has a multiple of 96 channels
 # The base models' preprocessing (timm's convnext_tiny.fb_in1k / swin_tiny_patch4_window7_224.ms_in1k),
 # so a variant and its base (the `convnext_t` / `swin_t` aliases) see the same inputs.
 _IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-CONVNEXT_DATA = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center", **_IMAGENET}
-SWIN_DATA = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center", **_IMAGENET}
+_AT_224 = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_mode": "center", **_IMAGENET}
+CONVNEXT_DATA = {**_AT_224, "crop_pct": 0.875}
+SWIN_DATA = {**_AT_224, "crop_pct": 0.9}
 
 
 class GroupNormChannelsLast(nn.GroupNorm):
@@ -79,7 +86,9 @@ class GroupNormChannelsLast(nn.GroupNorm):
     GroupNorm of the (B, C, H, W) feature map.
     """
 
-    def __init__(self, num_channels: int, num_groups: int = DEFAULT_GN_GROUPS, eps: float = 1e-5, affine: bool = True, **kwargs):
+    def __init__(
+        self, num_channels: int, num_groups: int = DEFAULT_GN_GROUPS, eps: float = 1e-5, affine: bool = True, **kwargs
+    ):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +114,9 @@ def _check(norm: str, gn_groups: int) -> None:
         raise HarnessError(f"gn_groups={gn_groups} must divide {NARROWEST_NORM} channels: one of {divisors}")
 
 
-def norm_layers(norm: str, gn_groups: int = DEFAULT_GN_GROUPS) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+def norm_layers(
+    norm: str, gn_groups: int = DEFAULT_GN_GROUPS
+) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
     """(channels-first, channels-last) constructors ``f(num_channels)`` for ``norm`` in gn, bn."""
     from timm.layers import GroupNorm
 
@@ -117,7 +128,9 @@ def norm_layers(norm: str, gn_groups: int = DEFAULT_GN_GROUPS) -> tuple[Callable
     raise HarnessError("LayerNorm needs no replacement layers")
 
 
-def build_convnext_t_3(norm: str = "ln", *, gn_groups: int = DEFAULT_GN_GROUPS, conv_mlp: bool | None = None) -> nn.Module:
+def build_convnext_t_3(
+    norm: str = "ln", *, gn_groups: int = DEFAULT_GN_GROUPS, conv_mlp: bool | None = None
+) -> nn.Module:
     """ConvNeXt-T with 3 x 3 depth-wise kernels and ``norm`` (ln, gn, bn) everywhere, untrained.
 
     ``conv_mlp`` (default: False for ln, True for gn/bn, as timm builds them) selects 1 x 1-conv block
@@ -157,7 +170,14 @@ def build_swin_t_4(norm: str = "ln", *, gn_groups: int = DEFAULT_GN_GROUPS) -> n
     kwargs = {"window_size": SWIN_WINDOWS}
     if norm != "ln":
         kwargs["norm_layer"] = norm_layers(norm, gn_groups)[1]
-    return timm.create_model(SWIN_ARCH, pretrained=False, **kwargs)
+    model = timm.create_model(SWIN_ARCH, pretrained=False, **kwargs)
+    built = tuple(tuple(stage.blocks[0].attn.window_size) for stage in model.layers)
+    if built != tuple((w, w) for w in SWIN_WINDOWS):  # a timm without per-stage window sizes
+        raise HarnessError(
+            f"timm {timm.__version__} built Swin windows {built}, not {SWIN_WINDOWS} per stage: "
+            "Swin-T-4 needs a timm whose SwinTransformer takes one window size per stage (1.0.31 does)"
+        )
+    return model
 
 
 def convnext_mlp_weights(state_dict: dict[str, torch.Tensor], conv: bool) -> dict[str, torch.Tensor]:
@@ -177,17 +197,21 @@ def convnext_mlp_weights(state_dict: dict[str, torch.Tensor], conv: bool) -> dic
     return out
 
 
+_GN = f"GroupNorm ({DEFAULT_GN_GROUPS} groups"
 # id -> (family, norm, paper name, what it is)
 VARIANTS = {
-    "convnext_t_3": ("convnext", "ln", "ConvNeXt-T-3", "ConvNeXt-T with 3x3 depth-wise kernels in all 18 blocks (LayerNorm)"),
+    "convnext_t_3": ("convnext", "ln", "ConvNeXt-T-3",
+                     "ConvNeXt-T with 3x3 depth-wise kernels in all 18 blocks (LayerNorm)"),
     "convnext_t_3_gn": ("convnext", "gn", "ConvNeXt-T-3-GN",
-                        f"ConvNeXt-T-3 with every LayerNorm replaced by GroupNorm ({DEFAULT_GN_GROUPS} groups; 1x1-conv MLPs)"),
+                        f"ConvNeXt-T-3 with every LayerNorm replaced by {_GN}; 1x1-conv MLPs)"),
     "convnext_t_3_bn": ("convnext", "bn", "ConvNeXt-T-3-BN",
                         "ConvNeXt-T-3 with every LayerNorm replaced by BatchNorm (1x1-conv MLPs)"),
-    "swin_t_4": ("swin", "ln", "Swin-T-4", "Swin-T with 4x4 windows in stages 1-2 and 7x7 in stages 3-4 (LayerNorm)"),
+    "swin_t_4": ("swin", "ln", "Swin-T-4",
+                 "Swin-T with 4x4 windows in stages 1-2 and 7x7 in stages 3-4 (LayerNorm)"),
     "swin_t_4_gn": ("swin", "gn", "Swin-T-4-GN",
-                    f"Swin-T-4 with every LayerNorm replaced by GroupNorm ({DEFAULT_GN_GROUPS} groups over C, H, W)"),
-    "swin_t_4_bn": ("swin", "bn", "Swin-T-4-BN", "Swin-T-4 with every LayerNorm replaced by BatchNorm over channels"),
+                    f"Swin-T-4 with every LayerNorm replaced by {_GN} over C, H, W)"),
+    "swin_t_4_bn": ("swin", "bn", "Swin-T-4-BN",
+                    "Swin-T-4 with every LayerNorm replaced by BatchNorm over channels"),
 }
 
 
