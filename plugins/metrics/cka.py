@@ -398,8 +398,7 @@ def draw_heatmap(path: Path, entry: dict[str, Any], *, random_init=(False, False
     la, lb = entry["layers_a"], entry["layers_b"]
     size = min(16.0, max(5.0, 0.12 * max(len(la), len(lb)) + 3))
     fig, ax = plt.subplots(figsize=(size + 1.2, size), dpi=110)
-    cmap = plt.get_cmap("magma").copy()
-    cmap.set_bad("#bbbbbb")
+    cmap = plt.get_cmap("magma").with_extremes(bad="#bbbbbb")
     im = ax.imshow(np.ma.masked_invalid(matrix), origin="lower", cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     font = 7 if max(len(la), len(lb)) <= 30 else 5
     xi, xl = _ticks(lb)
