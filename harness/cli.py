@@ -44,11 +44,19 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Keep samples already in the samples file (suites: skip finished entries).")
 @click.option("--on-bad-image", type=click.Choice(["skip", "stop"]), default="skip", show_default=True, help="Unreadable image: skip it with a warning, or stop.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Attribution cache folder (default: $HARNESS_CACHE_DIR or ~/.cache/harness/attributions).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write cached attributions.")
 @click.option("--plot", "make_plots", is_flag=True, help="Also write the metric's PNG plots (as `harness plot`).")
+@click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True, help="torchrun: start --nproc processes that shard the samples (gloo on CPU, NCCL on GPUs).")
+@click.option("--nproc", type=int, default=2, show_default=True, help="Processes per node with --launcher torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(**kw: Any) -> None:
     """Run a metric on models and data; write <out>/<run_id>.json and its samples file."""
     from harness.runner import RunConfig
+
+    if kw["launcher"] == "torchrun":
+        _launch_torchrun(kw["nproc"])
+        return
 
     if bool(kw["suite"]) == bool(kw["metric"]):
         raise HarnessError("give either --metric (with --model) or --suite")
@@ -72,11 +80,34 @@ def run(**kw: Any) -> None:
         quiet=kw["quiet"],
         on_bad_image=kw["on_bad_image"],
         argv=["harness", *sys.argv[1:]],
+        cache=not kw["no_cache"],
+        cache_dir=kw["cache_dir"],
     )
     if kw["suite"]:
         _run_suite(kw["suite"], base, kw["make_plots"])
     else:
         _run_one(base, kw["make_plots"])
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Re-run this command under ``torch.distributed.run`` with ``nproc`` processes."""
+    import subprocess
+
+    if nproc < 1:
+        raise HarnessError(f"--nproc must be at least 1, got {nproc}")
+    args, skip = [], False
+    for arg in _RAW_ARGS:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--launcher", "--nproc"):
+            skip = True
+            continue
+        if arg.startswith(("--launcher=", "--nproc=")):
+            continue
+        args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "harness", *args]
+    sys.exit(subprocess.call(command))
 
 
 def _summary_line(path: Path) -> str:
@@ -93,6 +124,8 @@ def _run_one(config: Any, make_plots: bool) -> None:
     from harness.runner import run as run_config
 
     path = run_config(config)
+    if path is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return
     if make_plots:
         _plot(path)
     click.echo(_summary_line(path))
@@ -123,6 +156,8 @@ def _run_suite(name: str, base: Any, make_plots: bool) -> None:
                 click.echo(f"done already: {describe(config)} -> {done}")
                 continue
             path = execute(resolved, reg)
+            if path is None:
+                continue
             if make_plots:
                 _plot(path)
             outcomes.append({"status": "ok"})
@@ -285,6 +320,24 @@ def plot(results: tuple[Path, ...]) -> None:
         _plot(path)
 
 
+@cli.command()
+@click.argument("action", type=click.Choice(["info", "clear"]))
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Cache folder (default as for `harness run`).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache(action: str, cache_dir: Path | None, as_json: bool) -> None:
+    """Show (info) or empty (clear) the attribution cache."""
+    from harness.cache import AttributionCache, default_cache_dir
+
+    store = AttributionCache(cache_dir or default_cache_dir())
+    if action == "clear":
+        removed = store.clear()
+        data: dict[str, Any] = {"path": str(store.root), "removed": removed}
+        click.echo(json.dumps(data) if as_json else f"removed {removed} cached attribution(s) from {store.root}")
+        return
+    data = store.info()
+    click.echo(json.dumps(data) if as_json else f"{data['path']}: {data['entries']} attribution(s), {data['bytes'] / 1e6:.1f} MB")
+
+
 # -- leaderboard / validate --------------------------------------------------------------------------
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -327,8 +380,13 @@ def validate(files: tuple[Path, ...], as_json: bool) -> None:
         sys.exit(1)
 
 
+_RAW_ARGS: list[str] = []
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    global _RAW_ARGS
+    _RAW_ARGS = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="harness", standalone_mode=False)
     except click.exceptions.Abort:

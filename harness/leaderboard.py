@@ -165,7 +165,9 @@ def render(board: Leaderboard, fmt: str) -> str:
     table = [[row, *(board.text(row, c) for c in board.columns)] for row in board.rows]
     headers = ["model", *(board.header(c) for c in board.columns)]
     if fmt == "markdown":
-        return tabulate(table, headers=headers, tablefmt="github") + "\n"
+        cells = [[str(v).replace("|", "\\|") for v in row] for row in table]
+        heads = [h.replace("|", "\\|") for h in headers]
+        return tabulate(cells, headers=heads, tablefmt="github", disable_numparse=True) + "\n"
     if fmt == "html":
         escaped = [[html.escape(str(v)) for v in row] for row in table]
         return to_html(tabulate(escaped, headers=[html.escape(h) for h in headers], tablefmt="unsafehtml"))

@@ -57,7 +57,7 @@ def _env_list(name: str) -> set[str] | None:
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return None
-    return {part.strip() for part in raw.split(",") if part.strip()}
+    return {part.strip() for part in raw.split(",") if part.strip()} or None
 
 
 def _selected(info: PluginInfo, only: set[str] | None, disabled: set[str] | None) -> bool:

@@ -10,7 +10,7 @@ def progress(total: int, desc: str, quiet: bool) -> Any:
     """A tqdm bar, disabled when ``quiet`` or stderr is not a terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=True)
 
 
 def warn(message: str, quiet: bool = False) -> None:

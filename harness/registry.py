@@ -185,6 +185,11 @@ def build_registry() -> Registry:
     pm, infos = discover()
     components: dict[str, dict[str, Registered]] = {kind: {} for kind in COMPONENT_KINDS}
     call_registrations(pm, infos, _accept_into(components, infos))
+    from harness.progress import warn
+
+    for info in infos:
+        for error in info.errors:
+            warn(f"plugin {info.name} ({info.dist}): {error}")
     text = resources.files("harness").joinpath("registry.toml").read_text(encoding="utf-8")
     aliases, suites = read_registry_toml(text, "registry.toml")
     for alias in list(aliases):

@@ -48,6 +48,8 @@ class RunConfig:
     quiet: bool = False
     on_bad_image: Literal["skip", "stop"] = "skip"
     argv: list[str] = field(default_factory=list)
+    cache: bool = True
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -237,15 +239,22 @@ def _provenance(config: RunConfig, device: torch.device, reg: Registry, started:
     }
 
 
-def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
-    """Evaluate ``run`` (resuming if asked), write its samples and result files, return the result path."""
+def execute(run: ResolvedRun, registry: Registry | None = None) -> Path | None:
+    """Evaluate ``run`` (resuming if asked), write its samples and result files, return the result path.
+
+    Under torchrun every rank evaluates its share of the samples; rank 0 merges and returns the
+    result path, the other ranks return None.
+    """
+    from harness import distributed
     from harness.allocator import tune_allocator
 
     tune_allocator()
     reg = registry or get_registry()
     config = run.config
-    started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    device = resolve_device(config.device)
+    started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    world = distributed.current()
+    device = distributed.device_for(world, resolve_device(config.device))
+    distributed.start(world, device)
     torch.manual_seed(config.seed)
     weights = weights_for(config)
     models = [
@@ -261,9 +270,15 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
     ]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    attributor, cache = run.attributor, None
+    if attributor is not None and config.cache:
+        from harness.cache import AttributionCache, CachedAttributor, default_cache_dir
+
+        cache = AttributionCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+        attributor = CachedAttributor(attributor, cache)  # type: ignore[assignment]
     ctx = MetricContext(
         models=models,
-        attributor=run.attributor,
+        attributor=attributor,
         masker=run.masker,
         seed=config.seed,
         batch_size=config.batch_size,
@@ -273,14 +288,20 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
         visual_ids=frozenset(s.id for s in run.samples[:VISUAL_SAMPLES]),
     )
     samples_file = SamplesFile(out / f"{run.run_id}.samples.jsonl")
+    own_file = rank_file(out, run.run_id, world) if world.distributed else samples_file
     if config.resume:
-        done = {r["sample_id"] for r in samples_file.read(repair=True)}
+        done = {r["sample_id"] for r in samples_file.read(repair=world.is_main)}
+        done |= {r["sample_id"] for r in own_file.read(repair=True)}
     else:
-        samples_file.reset()
+        if world.is_main:
+            samples_file.reset()
+        own_file.reset()
         done = set()
-    todo = [s for s in run.samples if s.id not in done]
-    bar = progress(len(run.samples), f"{run.metric.id} {'+'.join(config.models)}", config.quiet)
-    bar.update(len(run.samples) - len(todo))
+    distributed.barrier(world)
+    mine = run.samples[world.rank :: world.size]
+    todo = [s for s in mine if s.id not in done]
+    bar = progress(len(mine), f"{run.metric.id} {'+'.join(config.models)}", config.quiet or not world.is_main)
+    bar.update(len(mine) - len(todo))
     images_per_batch = max(1, run.metric.images_per_batch(config.batch_size))
     for start in range(0, len(todo), images_per_batch):
         kept, images = _load_images(run, todo[start : start + images_per_batch])
@@ -289,7 +310,7 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
             records = run.metric.evaluate(batch, ctx)
             if len(records) != len(kept):
                 raise RuntimeError(f"metric {run.metric.id} returned {len(records)} records for {len(kept)} samples")
-            samples_file.append(
+            own_file.append(
                 [
                     {"sample_id": s.id, "label": s.label, "prediction": r.get("prediction"), "values": r.get("values", {})}
                     for s, r in zip(kept, records)
@@ -297,11 +318,17 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
             )
         bar.update(min(images_per_batch, len(todo) - start))
     bar.close()
+    distributed.barrier(world)
+    if not world.is_main:
+        distributed.stop(world)
+        return None
+    if world.distributed:
+        merge_rank_files(samples_file, [rank_file(out, run.run_id, distributed.World(r, world.size)) for r in range(world.size)], run.samples)
+    distributed.stop(world)
 
     order = {s.id: i for i, s in enumerate(run.samples)}
-    records = sorted(
-        (r for r in samples_file.read() if r["sample_id"] in order), key=lambda r: order[r["sample_id"]]
-    )
+    unique = {r["sample_id"]: r for r in samples_file.read() if r["sample_id"] in order}
+    records = sorted(unique.values(), key=lambda r: order[r["sample_id"]])
     if not records:
         raise HarnessError("no sample could be evaluated (every image was unreadable)")
     summary: Summary = run.metric.summarize(records, ctx)
@@ -322,15 +349,41 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path:
         stderr=summary.stderr,
         values=summary.values,
         artifacts=summary.artifacts,
-        provenance=_provenance(config, device, reg, started, started_at),
+        provenance={
+            **_provenance(config, device, reg, started, started_at),
+            "attribution_cache": None if cache is None else {
+                "path": str(cache.root), "hits": cache.stats.hits, "misses": cache.stats.misses,
+            },
+        },
         status="ok",
     )
     return write_result(result, out)
 
 
-def run(config: RunConfig, registry: Registry | None = None) -> Path:
+def run(config: RunConfig, registry: Registry | None = None) -> Path | None:
     """Resolve and execute ``config``; return the result file's path."""
     return execute(resolve(config, registry), registry)
+
+
+def rank_file(out: Path, run_id: str, world: Any) -> SamplesFile:
+    """The samples file one rank of a distributed run writes."""
+    return SamplesFile(out / f"{run_id}.samples.rank{world.rank}-of-{world.size}.jsonl")
+
+
+def merge_rank_files(target: SamplesFile, parts: list[SamplesFile], samples: list[Sample]) -> None:
+    """Merge ``target``'s records and the ranks' into ``target`` (sample order, no duplicates), then
+    delete the rank files. The merged file is written atomically before any rank file is removed."""
+    from harness.results import atomic_write_text
+
+    order = {s.id: i for i, s in enumerate(samples)}
+    merged: dict[str, dict[str, Any]] = {}
+    for part in [target, *parts]:
+        for record in part.read():
+            merged.setdefault(record["sample_id"], record)
+    lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in sorted(merged.values(), key=lambda r: order.get(r["sample_id"], len(order)))]
+    atomic_write_text(target.path, "".join(lines))
+    for part in parts:
+        part.path.unlink(missing_ok=True)
 
 
 def write_error_result(config: RunConfig, message: str, run: ResolvedRun | None = None) -> Path:
@@ -345,7 +398,7 @@ def write_error_result(config: RunConfig, message: str, run: ResolvedRun | None 
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         readable = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{config.metric}-{'+'.join(config.models)}")[:80]
         run_id = f"{readable}-{digest}"
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     reg = get_registry()
     metric_cls = reg.components["metric"].get(config.metric)
     result = Result(

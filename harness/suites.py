@@ -26,6 +26,7 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
         raise HarnessError(f"suite {name!r} needs 'models' and 'metrics'")
     per_metric: dict[str, list[str]] = dict(suite.get("options", {}))
     configs = []
+    used: set[str] = set()
     for metric_id in metrics:
         metric = reg.get("metric", metric_id)
         groups = [models] if metric.min_models >= 2 else [[m] for m in models]
@@ -34,6 +35,9 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
         for group in groups:
             for attributor in attributors or [None]:
                 for masker in maskers or [None]:
+                    fields = _option_fields(reg, metric, attributor, masker)
+                    mine = [pair for pair in base.options if _accepts(pair, fields)]
+                    used.update(mine)
                     configs.append(
                         dataclasses.replace(
                             base,
@@ -41,11 +45,33 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
                             metric=metric_id,
                             attributor=attributor,
                             masker=masker,
-                            options=[*per_metric.get(metric_id, []), *base.options],
+                            options=[*per_metric.get(metric_id, []), *mine],
                             data=base.data or suite.get("data", "samples"),
                         )
                     )
+    unused = [pair for pair in base.options if pair not in used]
+    if unused:
+        raise HarnessError(f"option {unused[0]!r} fits no entry of suite {name!r}")
     return configs
+
+
+def _option_fields(reg: Registry, metric: Any, attributor: str | None, masker: str | None) -> dict[str, set[str]]:
+    """Option names per target for one suite entry (defaults filled in as the run would)."""
+    fields = {"metric": set(metric.Options.model_fields), "dataset": {"*"}}
+    if metric.needs_attributor:
+        fields["attributor"] = set(reg.get("attributor", attributor or metric.default_attributor).Options.model_fields)
+    if metric.needs_masker:
+        fields["masker"] = set(reg.get("masker", masker or metric.default_masker).Options.model_fields)
+    return fields
+
+
+def _accepts(pair: str, fields: dict[str, set[str]]) -> bool:
+    """Whether a ``KEY=VALUE`` option applies to an entry with these option fields."""
+    key = pair.partition("=")[0].strip()
+    target, dot, name = key.partition(".")
+    if dot:
+        return target in fields and ("*" in fields[target] or name in fields[target])
+    return any(key in names for t, names in fields.items() if t != "dataset")
 
 
 def describe(config: RunConfig) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 # No test may touch the Hugging Face hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HARNESS_MALLOC_TUNING", "0")
+# Cached attributions go to a fresh folder per test session, never the user's cache.
+os.environ["HARNESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="harness-test-cache-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

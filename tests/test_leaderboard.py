@@ -143,8 +143,6 @@ def test_markdown_is_a_github_table_with_direction_arrows(runs):
     assert body[LITE]["deletion (saliency, blur:pixel) ↓"] == ""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: '|' in a model/metric string is not escaped in the Markdown table "
-                                       "(leaderboard.render), so the row gains a column")
 def test_markdown_escapes_pipes(runs, copy_of):
     _, made = runs
     path, data = find(made, LITE, "accuracy")
@@ -308,8 +306,7 @@ def _accuracy_run_at(monkeypatch, out: Path, limit: int, instant: datetime) -> s
 
 @pytest.mark.parametrize("gap_s", [
     5.0,
-    pytest.param(0.3, marks=pytest.mark.xfail(strict=True, reason="BUG: started_at has whole seconds, so two runs "
-                                              "started in the same second tie and the run id hash decides")),
+    0.3,
 ], ids=["seconds-apart", "same-second"])
 def test_later_run_replaces_the_cell(tmp_path, monkeypatch, gap_s):
     """Runs with other options (here --limit) share the cell; the one started later wins, in either order."""

@@ -3,7 +3,7 @@
 Layer choice (overridable with ``layer=MODULE.NAME``): a token model with ``blocks`` (ViT, DeiT,
 FAN) uses the last block's ``norm1`` (prefix tokens dropped, patch tokens reshaped to the grid, as
 in pytorch-grad-cam); other timm models use the module of their last ``feature_info`` stage; plain
-modules use the last module producing a 4-D output. Channels-last stage outputs (Swin) are detected.
+modules use their last ``Conv2d``. Channels-last outputs (Swin: ``output_fmt == "NHWC"``) are detected.
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ def default_layer(module: torch.nn.Module) -> str:
     return names[-1]
 
 
-def to_grid(activation: torch.Tensor, prefix_tokens: int, channels_hint: int | None) -> torch.Tensor:
+def layer_channels(net: torch.nn.Module, name: str) -> int | None:
+    """The channel count of ``name``'s output when timm's feature_info knows that module."""
+    info = getattr(net, "feature_info", None)
+    if not info:
+        return None
+    stages = info if isinstance(info, list) else info.get_dicts()
+    return next((d.get("num_chs") for d in stages if isinstance(d, dict) and d.get("module") == name), None)
+
+
+def to_grid(activation: torch.Tensor, prefix_tokens: int, channels_hint: int | None, channels_last: bool = False) -> torch.Tensor:
     """(B, C, h, w) from a CNN map, a channels-last map, or (B, N, C) tokens (prefix dropped)."""
     if activation.dim() == 3:
         tokens = activation[:, prefix_tokens:]
@@ -51,9 +60,11 @@ def to_grid(activation: torch.Tensor, prefix_tokens: int, channels_hint: int | N
             raise HarnessError(f"gradcam: {tokens.shape[1]} patch tokens do not form a square grid")
         return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
     if activation.dim() == 4:
-        if channels_hint is not None and activation.shape[-1] == channels_hint and activation.shape[1] != channels_hint:
-            return activation.permute(0, 3, 1, 2)
-        return activation
+        if channels_hint is not None:
+            if activation.shape[-1] == channels_hint and activation.shape[1] != channels_hint:
+                return activation.permute(0, 3, 1, 2)
+            return activation
+        return activation.permute(0, 3, 1, 2) if channels_last else activation
     raise HarnessError(f"gradcam: the hooked layer outputs shape {tuple(activation.shape)}, not a map or tokens")
 
 
@@ -71,11 +82,7 @@ class GradCAM(Attributor):
         except AttributeError:
             raise HarnessError(f"gradcam: model {model.id} has no module {name!r}") from None
         prefix = int(getattr(net, "num_prefix_tokens", 0) or 0)
-        info = getattr(net, "feature_info", None)
-        channels = None
-        if info:
-            last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
-            channels = last.get("num_chs") if isinstance(last, dict) else None
+        channels = layer_channels(net, name)
         maps = []
         for start in range(0, len(inputs), model.batch_size):
             x = inputs[start : start + model.batch_size]
@@ -89,8 +96,9 @@ class GradCAM(Attributor):
                     (grad,) = torch.autograd.grad(scores.sum(), activation)
             finally:
                 handle.remove()
-            act = to_grid(activation.detach(), prefix, channels)
-            grad = to_grid(grad.detach(), prefix, channels)
+            nhwc = getattr(net, "output_fmt", None) == "NHWC"
+            act = to_grid(activation.detach(), prefix, channels, nhwc)
+            grad = to_grid(grad.detach(), prefix, channels, nhwc)
             alpha = grad.mean(dim=(2, 3), keepdim=True)
             cam = F.relu((alpha * act).sum(1, keepdim=True))
             maps.append(F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0])

@@ -34,7 +34,8 @@ def rise_masks(n: int, cells: int, p: float, height: int, width: int, seed: int)
     up = F.interpolate(grid, size=((cells + 1) * cell_h, (cells + 1) * cell_w), mode="bilinear", align_corners=False)
     dy = torch.randint(0, cell_h, (n,), generator=gen)
     dx = torch.randint(0, cell_w, (n,), generator=gen)
-    return torch.stack([up[i, :, y : y + height, x : x + width] for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))])
+    masks = torch.stack([up[i, :, y : y + height, x : x + width] for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))])
+    return masks.clamp_(0, 1)
 
 
 class RISE(Attributor):

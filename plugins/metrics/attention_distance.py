@@ -187,6 +187,7 @@ class AttentionDistance(Metric):
             if k == 0:
                 values["layers"] = names
                 values["windowed"] = [geometry[i][2] for i in range(len(modules))]
+                values["prefix_tokens"] = prefix_tokens(model)
             records.append({"prediction": prediction[k], "values": values})
         return records
 
@@ -212,6 +213,7 @@ class AttentionDistance(Metric):
             "first_layer_mean": layer_mean[0],
             "last_layer_mean": layer_mean[-1],
             "prefix_mass": prefix,
+            "prefix_tokens": head.get("prefix_tokens", 0),
             "windowed": windowed,
             "unit": "px",
             "convention": (
