@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import pickle
 import re
@@ -19,7 +20,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a torch file loaded with ``weights_only=True``.
 
     A checkpoint that wraps its tensors (``{"state_dict": {...}}``, ``{"model": {...}}``) is
-    unwrapped, and a DataParallel ``module.`` prefix is dropped.
+    unwrapped, and a DataParallel ``module.`` prefix is dropped. Training checkpoints that also pickle
+    their ``argparse.Namespace`` arguments (timm's ``train.py``, e.g. the released FAN files) are
+    accepted: ``Namespace`` is the one class allowed besides weights-only loading's tensors and containers.
     """
     path = Path(path)
     if not path.is_file():
@@ -33,7 +36,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise HarnessError(f"cannot read {path} as safetensors: {_one_line(exc)}") from None
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             text = _one_line(exc)
             found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
@@ -63,9 +67,13 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state_dict`` strictly; on any difference raise one line naming keys and shapes."""
+    """Load ``state_dict`` strictly; on any difference raise one line naming keys and shapes.
+
+    BatchNorm ``num_batches_tracked`` counters absent from the checkpoint are not an error: files
+    saved by torch 0.4.0 (e.g. the released ABN models) have none, and PyTorch fills them in.
+    """
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    missing = [k for k in own if k not in state_dict and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
         f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"

@@ -37,15 +37,23 @@ CITATION = (
 
 
 # -- the estimator ------------------------------------------------------------------------------------------
-def gram(activation: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gram(activation: torch.Tensor, dtype: torch.dtype = torch.float32, chunk_elements: int = 1 << 21) -> torch.Tensor:
     """``X X^T`` (float64) of an activation flattened to (n, p), after subtracting the feature mean over n.
 
     Subtracting the mean changes no HSIC_1 (U-centring removes it exactly) but keeps float32 from
-    losing the signal under a large common offset.
+    losing the signal under a large common offset. The features are processed in column chunks of
+    about ``chunk_elements`` values (the centred copy never exceeds one chunk) and the partial grams
+    are summed in float64.
     """
-    x = activation.detach().reshape(activation.shape[0], -1).to(dtype)
-    x = x - x.mean(0, keepdim=True)
-    return (x @ x.T).to(torch.float64)
+    x = activation.detach().reshape(activation.shape[0], -1)
+    n, p = x.shape
+    step = max(1, chunk_elements // max(1, n))
+    out = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for start in range(0, p, step):
+        part = x[:, start : start + step].to(dtype)
+        part = part - part.mean(0, keepdim=True)
+        out += (part @ part.T).to(torch.float64)
+    return out
 
 
 def u_centre(k: torch.Tensor) -> torch.Tensor:
