@@ -69,11 +69,13 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 def load_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state_dict`` strictly; on any difference raise one line naming keys and shapes.
 
-    BatchNorm ``num_batches_tracked`` counters absent from the checkpoint are not an error: files
-    saved by torch 0.4.0 (e.g. the released ABN models) have none, and PyTorch fills them in.
+    A checkpoint with no BatchNorm ``num_batches_tracked`` counter at all (saved by torch 0.4.0,
+    e.g. the released ABN models) is not missing them: PyTorch fills them in when loading.
     """
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.endswith(".num_batches_tracked")]
+    counters = ".num_batches_tracked"
+    no_counters = not any(k.endswith(counters) for k in state_dict)
+    missing = [k for k in own if k not in state_dict and not (no_counters and k.endswith(counters))]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
         f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"

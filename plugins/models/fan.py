@@ -22,24 +22,34 @@ positional encoding added to the patch tokens. The FAN blocks see no CLS token (
 = 0``); a CLS token is prepended after them for two CaiT class-attention blocks, and the head reads
 ``norm(x)[:, 0]``.
 
+Checked against the reference (NVlabs/FAN ``models/fan.py`` under timm 0.5.4, eval mode, the same
+random weights): all eight variants give the same logits to within 4e-6; ``tests/test_fan.py`` keeps
+the reference's logits for two tiny configurations. (On CPU with current torch the reference's
+ConvNeXt ``LayerNorm2d`` sees channels-last conv outputs and falls back to an unbiased-variance
+branch; this module implements its contiguous-input branch, the one the GPU training used.)
+
 Reading attention (for metrics). The model follows timm's VisionTransformer conventions:
 
 - ``blocks.N.attn`` (:class:`TokenMixing`) has ``num_heads``, ``scale`` and a ``fused_attn`` flag
   (as timm's ``Attention``). With ``fused_attn = False`` the post-softmax token attention
   ``(B, heads, N, N)`` is the output of ``blocks.N.attn.attn_drop`` (an ``nn.Dropout``): hook it.
-- ``blocks.N.mlp`` (:class:`ChannelProcessing`): its ``attn_drop`` output is the channel attention
-  ``(B, heads, C / heads, 1)``, one weight per channel in ``[0, temperature]`` (per head).
+- ``blocks.N.mlp`` (:class:`ChannelProcessing`): its ``channel_attn_drop`` output is the channel
+  attention ``(B, heads, C / heads, 1)``, one weight per channel in ``[0, temperature]`` (per head).
 - ``model.num_prefix_tokens == 0``; ``model.patch_embed.patch_size`` is the pixel stride of one
   token ((16, 16) for every variant, hybrids included) and ``patch_embed.grid_size`` the token grid
   at the default input size (14 x 14 at 224). The grid follows the input size at run time.
 - ``cls_attn_blocks.N.attn`` (:class:`ClassAttn`) are CaiT class-attention layers: their
-  ``attn_drop`` output is ``(B, heads, 1, 1 + N)`` (the CLS query only), so attention-distance
-  readers should restrict themselves to ``blocks.N.attn``.
+  ``cls_attn_drop`` output is ``(B, heads, 1, 1 + N)`` (the CLS query only; also with ``fused_attn``
+  off). Only the token attention's dropout is called ``attn_drop``, so a generic reader that
+  looks for ``num_heads`` modules with an ``attn_drop`` child finds exactly ``blocks.N.attn``.
+  (Dropout modules hold no parameters: the state dict is the reference's all the same.)
 
 Checkpoints: the released ``.pth.tar`` files (github.com/zhoudaquan/fully_attentional_network_ckpt,
-release v1.0.0) hold ``{"state_dict": ...}``; the harness unwraps that. If a file also pickles the
-training arguments (``argparse.Namespace``), ``--weights`` (weights-only loading) refuses it; save
-``checkpoint["state_dict"]`` alone (or as ``.safetensors``) once and pass that file.
+release v1.0.0) are timm ``train.py`` checkpoints: ``{"state_dict": ..., "state_dict_ema": ...,
+"optimizer": ..., "args": argparse.Namespace, ...}``. ``--weights FILE`` reads them as they are
+(weights-only loading that allows ``argparse.Namespace``), takes ``state_dict`` and loads it strictly:
+the key mapping is the identity. No weights are downloaded by the harness; ``pretrained`` builds
+raise an error naming the release file to download.
 """
 
 from __future__ import annotations
@@ -80,7 +90,10 @@ def _use_fused_attn() -> bool:
 
 
 def _trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> None:
-    nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+    """N(0, std^2) truncated at +-2 std, by inverse-CDF sampling (torch's rejection sampler is far slower)."""
+    low, high = (math.erf(-2 / math.sqrt(2)), math.erf(2 / math.sqrt(2)))
+    with torch.no_grad():
+        tensor.uniform_(low, high).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-2 * std, 2 * std)
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -349,7 +362,7 @@ class ChannelProcessing(nn.Module):
 
     ``v = norm_v(mlp_v(x))``; per head ``A = sigmoid(softmax_N(q)^T @ mean_channels(softmax_N(k))) *
     temperature`` with ``q = self.q(x)`` and ``k = x``; ``A`` (B, heads, C/heads, 1) is the output of
-    ``attn_drop``.
+    ``channel_attn_drop``.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, mlp_hidden_dim: int | None = None,
@@ -364,7 +377,10 @@ class ChannelProcessing(nn.Module):
         self.mlp_v = FANMlp(dim, mlp_hidden_dim or dim, drop=drop)
         self.norm_v = nn.LayerNorm(dim)  # eps 1e-5: the reference uses nn.LayerNorm's default here
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
+        # the reference calls this `attn_drop` (no parameters); another name here keeps generic
+        # self-attention readers (a `num_heads` module with an `attn_drop` child) from taking it
+        # for token attention
+        self.channel_attn_drop = nn.Dropout(attn_drop)
 
     def channel_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``sigmoid(softmax_N(q)^T @ mean_c(softmax_N(k))) * temperature`` -> (B, heads, d, 1)."""
@@ -377,7 +393,7 @@ class ChannelProcessing(nn.Module):
         head_dim = channels // self.num_heads
         q = self.q(x).reshape(batch, n, self.num_heads, head_dim).transpose(1, 2)
         k = x.reshape(batch, n, self.num_heads, head_dim).transpose(1, 2)
-        attn = self.attn_drop(self.channel_attention(q, k))  # (B, h, d, 1)
+        attn = self.channel_attn_drop(self.channel_attention(q, k))  # (B, h, d, 1)
         v = self.norm_v(self.mlp_v(x, height, width))
         v = v.reshape(batch, n, self.num_heads, head_dim).permute(0, 2, 3, 1)  # (B, h, d, N)
         return (attn * v).permute(0, 3, 1, 2).reshape(batch, n, channels)
@@ -430,7 +446,9 @@ class ClassAttn(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
+        # `attn_drop` in timm/the reference (no parameters); renamed so that readers of token
+        # self-attention (`num_heads` + `attn_drop`) skip this CLS-query attention
+        self.cls_attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -441,10 +459,10 @@ class ClassAttn(nn.Module):
         v = self.v(x).reshape(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+                q, k, v, dropout_p=self.cls_attn_drop.p if self.training else 0.0, scale=self.scale
             )
         else:
-            attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            attn = self.cls_attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
             out = attn @ v
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, 1, channels)))
 
