@@ -3,14 +3,16 @@
 For a ResNet-50-sized and a ViT-S-sized model (random init; no weights needed) it times, on the same
 input tensors, (a) bare forward passes in inference mode and (b) the ``cka`` metric's ``evaluate``
 (forward with gram hooks, U-centring, one GEMM per chunk for all layer pairs), alternating the two
-``--rounds`` times and keeping each side's best round. ``ratio`` = forward time / CKA time (1.0 =
+``--rounds`` times (default 2) and keeping each side's best round. ``ratio`` = forward time / CKA time (1.0 =
 CKA is free; target >= 0.8). Peak memory is measured in fresh subprocesses (VmHWM minus the RSS
-before the batch) for the bare forward and for CKA, against the number of layers and n.
+before the batch) for the bare forward and for CKA, against the number of layers and n; it varies by
+up to ~150 MB between identical processes (glibc arenas of the OpenMP threads), so use
+``--mem-reps 3`` for comparisons (the minimum over processes is reported).
 
 Both sides run under the same allocator setting: ``harness.allocator.tune_allocator()`` (glibc
 mmap off, no trimming) unless ``HARNESS_MALLOC_TUNING=0``.
 
-    python benchmarks/cka.py                       # default: n=32, 2 batches, layers=blocks (< 3 min)
+    python benchmarks/cka.py                       # default: n=32, 2 batches, layers=blocks (about 2 min)
     python benchmarks/cka.py --layers default      # 6 sublayers per ViT block, 3 per ResNet block
     python benchmarks/cka.py --n 64 --batches 4 --mem-n 16,32,64 --mem-layers blocks,default
 
@@ -142,16 +144,30 @@ def memory_child(model_id: str, mode: str, layers: str, n: int, gram_dtype: str)
 
 
 def measure_memory(args) -> list[dict]:
+    """Each configuration in ``--mem-reps`` fresh processes: peak RSS growth varies by ~100 MB from run to
+    run (glibc arenas of the OpenMP threads), so the minimum and the median are reported."""
+    from harness_plugins.metrics.cka import CHUNK_ELEMENTS
+
     rows = []
     for model_id in args.models:
         for n in args.mem_n:
             configs = [("forward", "-")] + [("cka", layers) for layers in args.mem_layers]
             for mode, layers in configs:
-                cmd = [sys.executable, __file__, "--_memory-child", model_id, mode, layers, str(n), args.gram_dtype]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-                rows.append(json.loads(out))
-                print(f"  memory {model_id:24s} {mode:7s} layers={rows[-1]['layers']:3d} n={n:3d}: "
-                      f"+{rows[-1]['peak_extra_mb']:.0f} MB", flush=True)
+                runs = []
+                for _ in range(args.mem_reps):
+                    cmd = [sys.executable, __file__, "--_memory-child", model_id, mode, layers, str(n), args.gram_dtype]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                    runs.append(json.loads(out))
+                peaks = sorted(r["peak_extra_mb"] for r in runs)
+                n_layers = runs[0]["layers"]
+                row = {"model": model_id, "mode": mode, "layers": n_layers, "n": n,
+                       "peak_extra_mb_min": peaks[0], "peak_extra_mb_median": peaks[len(peaks) // 2],
+                       # what CKA keeps besides the forward: grams (L, n, n) float64 + the centring workspace
+                       "cka_state_mb": round((n_layers * n * n * 8 + (CHUNK_ELEMENTS + n * n) * 4) / 2**20, 2) if mode == "cka" else 0.0}
+                rows.append(row)
+                print(f"  memory {model_id:24s} {mode:7s} layers={n_layers:3d} n={n:3d}: peak +{row['peak_extra_mb_min']:.0f} MB "
+                      f"(median +{row['peak_extra_mb_median']:.0f} MB of {len(peaks)} processes; CKA state {row['cka_state_mb']} MB)",
+                      flush=True)
     return rows
 
 
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gram-dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--mem-n", default="32", help="comma-separated n for the memory measurement ('' to skip)")
     parser.add_argument("--mem-layers", default="blocks", help="comma-separated layer settings for the memory measurement")
+    parser.add_argument("--mem-reps", type=int, default=1, help="fresh processes per memory configuration")
     parser.add_argument("--out", default="/tmp/harness-bench-cka")
     parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -17,7 +17,8 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
 
     A metric that compares models (``min_models >= 2``) gets all of the suite's models in one run;
     attributors and maskers apply only to metrics that take them. ``options`` maps a metric id to
-    extra ``-o`` strings for its runs.
+    extra ``-o`` strings for its runs; ``metric_models`` maps a metric id to the models it runs on
+    instead of ``models``.
     """
     suite = reg.suite(name)
     models: list[str] = list(suite.get("models", []))
@@ -25,11 +26,13 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
     if not models or not metrics:
         raise HarnessError(f"suite {name!r} needs 'models' and 'metrics'")
     per_metric: dict[str, list[str]] = dict(suite.get("options", {}))
+    models_for: dict[str, list[str]] = dict(suite.get("metric_models", {}))
     configs = []
     used: set[str] = set()
     for metric_id in metrics:
         metric = reg.get("metric", metric_id)
-        groups = [models] if metric.min_models >= 2 else [[m] for m in models]
+        chosen = list(models_for.get(metric_id, models))
+        groups = [chosen] if metric.min_models >= 2 else [[m] for m in chosen]
         attributors = suite.get("attributors") if metric.needs_attributor else None
         maskers = suite.get("maskers") if metric.needs_masker else None
         for group in groups:

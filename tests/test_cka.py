@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from _rep_helpers import as_matrix, image_folder, run_metric, smooth_images
-from conftest import run_cli, wrap_module
+from conftest import wrap_module
 
 LAYERS = ["base", "ortho", "scaled", "linear", "offset", "other"]
 
@@ -141,6 +141,7 @@ def test_minibatch_matches_float64_reference_on_the_same_activations(setup, tmp_
     assert torch.allclose(ours, ref, atol=2e-5), (ours - ref).abs().max()
     # the last partial batch (6 images) contributes nothing
     assert summary.values["batches"] == 4 and summary.values["images_used"] == 64
+    assert summary.values["images_dropped"] == 6 and summary.values["note"] is None
     assert sum(r["values"]["in_batch"] for r in records) == 64
     # ratio of sums, not the mean of per-batch CKA: the data make the two differ
     i, j = LAYERS.index("base"), LAYERS.index("other")
@@ -268,12 +269,19 @@ def test_cross_model_heatmap(tmp_path):
     assert (tmp_path / summary.artifacts["cka"]).exists()
 
 
-def test_too_few_images_is_a_clear_error(tmp_path):
+def test_fewer_images_than_one_minibatch(tmp_path):
+    """All the data smaller than one minibatch: one minibatch of its own size (noted); under 4: an error."""
     from harness.errors import HarnessError
 
-    loaded = wrap_module(Branches(), size=32)
-    with pytest.raises(HarnessError, match="at least one full minibatch"):
-        run_metric(_metric(), [loaded], smooth_images(10, 32), batch_size=16, out_dir=tmp_path)
+    module = Branches()
+    loaded = wrap_module(module, size=32)
+    images = smooth_images(10, 32, seed=6)
+    summary, _ = run_metric(_metric(), [loaded], images, batch_size=16, out_dir=tmp_path)
+    assert summary.values["minibatch"] == 10 and summary.values["batches"] == 1 and "fewer than 16" in summary.values["note"]
+    acts = _activations(module, loaded, images, LAYERS)
+    assert torch.allclose(as_matrix(summary.values["cka"]), reference_cka(acts, LAYERS, 10), atol=2e-5)
+    with pytest.raises(HarnessError, match="4 or more images"):
+        run_metric(_metric(), [loaded], smooth_images(3, 32), batch_size=16, out_dir=tmp_path)
 
 
 # -- CLI ------------------------------------------------------------------------------------------------
@@ -345,9 +353,9 @@ def test_cli_resume_gives_the_uninterrupted_numbers(cli, folder, tmp_path):
     assert resumed["value"] == full["value"] and resumed["values"]["batches"] == 3
 
 
-def test_cli_bad_layer_pattern_and_list_layers(cli):
+def test_cli_bad_layer_pattern_and_list_layers(cli, tmp_path):
     res = cli("run", "--model", "test_vit", "--random-init", "--metric", "cka", "--limit", "4", "--batch-size", "4",
-              "-o", "metric.layers=nothing.*", "--out", "/tmp/unused_cka_out", "--quiet")
+              "-o", "metric.layers=nothing.*", "--out", tmp_path, "--quiet")
     assert res.exit_code == 2
     assert "matches no module" in res.stderr and "harness list layers --model test_vit" in res.stderr
     res = cli("list", "layers", "--model", "test_vit", "--random-init", "--json")

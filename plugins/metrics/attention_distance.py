@@ -35,7 +35,7 @@ from harness.components import Metric, Summary
 from harness.errors import HarnessError
 from harness.stats import mean_stderr
 
-from .layers import no_autocast, patch_grid, prefix_tokens
+from .layers import is_windowed, no_autocast, patch_grid, prefix_tokens
 
 CITATION = (
     "Dosovitskiy et al. An Image is Worth 16x16 Words. ICLR 2021; Raghu, Unterthiner, Kornblith, Zhang, "
@@ -110,7 +110,7 @@ class AttentionDistance(Metric):
     def _geometry(self, model, name: str, module: nn.Module, tokens: int, input_hw: tuple[int, int]) -> tuple[torch.Tensor, int, bool]:
         """(distances (N, N) px, prefix tokens, windowed) for one attention module given its token count."""
         root = model.module
-        window = getattr(module, "window_size", None)
+        window = getattr(module, "window_size", None) if is_windowed(module) else None
         if window is not None:  # Swin: window-local grid; stride from the block's input resolution
             wh, ww = (window, window) if isinstance(window, int) else (int(window[0]), int(window[1]))
             parent = root.get_submodule(name.rsplit(".", 1)[0]) if "." in name else root

@@ -111,8 +111,11 @@ def _is_stage(module: nn.Module) -> bool:
 
 
 def is_windowed(attn: nn.Module) -> bool:
-    """Whether an attention module works on windows (its output is not batch-first per image)."""
-    return "Window" in type(attn).__name__ or hasattr(attn, "window_size")
+    """Whether an attention module works on windows (Swin's ``WindowAttention``: output per window).
+
+    Decided by the class name: BEiT-style global attention also has a ``window_size`` attribute.
+    """
+    return "Window" in type(attn).__name__
 
 
 def family(root: nn.Module) -> str:

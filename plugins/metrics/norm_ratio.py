@@ -159,7 +159,8 @@ class NormRatio(Metric):
         per_token = None
         sums = [r["values"]["per_token_sum"] for r in records if r["values"].get("per_token_sum") is not None]
         if sums:
-            total = sum(torch.tensor(s, dtype=torch.float64) for s in sums)
+            nan = float("nan")  # an infinite ratio (zero branch output) comes back from the samples file as null
+            total = sum(torch.tensor([[nan if v is None else v for v in row] for row in s], dtype=torch.float64) for s in sums)
             count = sum(r["values"]["batch"] for r in records if r["values"].get("per_token_sum") is not None)
             t = total / count
             per_token = [[v if math.isfinite(v) else None for v in row] for row in t.tolist()]
