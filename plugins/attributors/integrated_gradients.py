@@ -51,11 +51,23 @@ def integrated_gradients(model: LoadedModel, inputs: torch.Tensor, target: torch
     alphas, weights = path_points(options.steps, options.method)
     alphas = alphas.to(inputs.device)
     delta = inputs - base
+    buffer: list[torch.Tensor] = []
 
     def make_rows(image: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image, sample = image.to(inputs.device), sample.to(inputs.device)
-        a = alphas[sample].view(-1, 1, 1, 1)
-        return base[image] + a * delta[image], target[image]
+        # Rows are image-major, so a chunk is a few runs of one image's path points: each run is
+        # written into a reusable buffer as a * delta + base, broadcasting that image's tensors
+        # (the same values as base[image] + a * delta[image], without per-row gathers).
+        if not buffer or len(buffer[0]) < len(image):
+            buffer[:] = [torch.empty((len(image), *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)]
+        out = buffer[0][: len(image)]
+        a = alphas[sample.to(inputs.device)].view(-1, 1, 1, 1)
+        row = 0
+        for i, run in zip(*(t.tolist() for t in torch.unique_consecutive(image, return_counts=True))):
+            segment = out[row : row + run]
+            torch.mul(a[row : row + run], delta[i], out=segment)
+            segment.add_(base[i])
+            row += run
+        return out, target[image.to(target.device)]
 
     avg_grad = accumulate_gradients(
         model, len(inputs), len(alphas), make_rows, lambda grad, x: grad, options.score, weights

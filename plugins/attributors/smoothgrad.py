@@ -43,9 +43,23 @@ class SmoothGrad(Attributor):
                 noise_cache[image] = torch.randn((n, *inputs.shape[1:]), generator=generator).to(inputs.device)
             return noise_cache[image]
 
+        buffer: list[torch.Tensor] = []
+
         def make_rows(image: torch.Tensor, copy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            rows = [inputs[i] + stds[i] * noise(int(i))[int(c)] for i, c in zip(image.tolist(), copy.tolist())]
-            return torch.stack(rows), target[image.to(target.device)]
+            # Rows are image-major with consecutive copies, so a chunk is a few runs of one image:
+            # each run is written into a reusable buffer as noise * std + x (the same values as
+            # x + std * noise per row, without a Python loop over rows).
+            if not buffer or len(buffer[0]) < len(image):
+                buffer[:] = [torch.empty((len(image), *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)]
+            out = buffer[0][: len(image)]
+            row = 0
+            for i, run in zip(*(t.tolist() for t in torch.unique_consecutive(image, return_counts=True))):
+                first = int(copy[row])
+                segment = out[row : row + run]
+                torch.mul(noise(i)[first : first + run], stds[i], out=segment)
+                segment.add_(inputs[i])
+                row += run
+            return out, target[image.to(target.device)]
 
         if self.options.magnitude == "abs_max":
             reduce = lambda grad, x: grad.abs().amax(1)  # noqa: E731
