@@ -28,7 +28,8 @@ the default allocator) and ``torch.set_num_threads(--threads)`` (default 2).
 
     python benchmarks/subexplanations.py                           # rocket, batch 32, ~2-4 min on 2 idle cores
     python benchmarks/subexplanations.py --images rocket,chelsea --batch-size 64 --count
-    python benchmarks/subexplanations.py --quick                   # beam width 1, at most 3 roots
+    python benchmarks/subexplanations.py --quick                   # beam width 1, stop after 3 roots (~20 s)
+    python benchmarks/subexplanations.py --speculative             # batched side: speculative pruning windows
 
 The last line is JSON: {"ratio": ..., "batched": {"seconds", "forward_passes", "forward_calls", ...},
 "unbatched": {...}, "same_mses": true, "images": {...}, "allocator": ..., "torch": ...}.
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--count", action="store_true", help="also time sub-explanation counting (batched) separately")
     parser.add_argument("--quick", action="store_true", help="beam width 1, stop after more than 2 roots (a smoke run)")
+    parser.add_argument("--speculative", action="store_true",
+                        help="batched side with speculative pruning windows (fewer forward calls, more passes; for GPUs)")
     parser.add_argument("--out", default="/tmp/harness-bench-subexplanations")
     args = parser.parse_args(argv)
     args.images = [x for x in args.images.split(",") if x]
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     model, inputs, target, p0, rankings, baseline, granularity, metric, igos_s = prepare(args)
     n = len(inputs)
     print(f"I-GOS ranking (both sides, not in the timings): {igos_s:.2f} s", flush=True)
-    batched_settings = metric.settings(granularity.n_regions)
+    batched_settings = dataclasses.replace(metric.settings(granularity.n_regions), speculative_pruning=args.speculative)
     unbatched_settings = dataclasses.replace(batched_settings, pruning="sequential")
     with torch.inference_mode():  # warm-up at both shapes
         model.module(inputs[:1])
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         "counting": counting,
         "model": args.model,
         "batch_size": args.batch_size,
+        "speculative_pruning": args.speculative,
         "quick": args.quick,
         "allocator": "tuned" if TUNED else "default",
         "threads": torch.get_num_threads(),

@@ -89,12 +89,11 @@ def perturbation_curves(
     buffer: list[torch.Tensor] = []
 
     def composites(start: int, stop: int) -> torch.Tensor:
-        if not buffer or len(buffer[0]) < stop - start:
-            buffer[:] = [
-                torch.empty((stop - start, *inputs.shape[1:]), dtype=inputs.dtype, device=device),
-                torch.empty((stop - start, 1, height, width), dtype=inputs.dtype, device=device),
-            ]
-        out, weights = buffer[0][: stop - start], buffer[1][: stop - start]
+        if not buffer or len(buffer[0]) < stop - start:  # composites (and hard masks), reused by every chunk
+            buffer[:] = [torch.empty((stop - start, *inputs.shape[1:]), dtype=inputs.dtype, device=device)]
+            if hard is not None:
+                buffer.append(torch.empty((stop - start, 1, height, width), dtype=inputs.dtype, device=device))
+        out = buffer[0][: stop - start]
         soft = None
         if hard is None:  # soft tents: render the chunk's masks in one call, blend with the formula
             b = image_of_row[start:stop]
@@ -108,7 +107,7 @@ def perturbation_curves(
             rows = slice(row - start, row - start + last - first)
             x, base = inputs[image], baseline[image]
             if soft is None:  # 1 where the region is moved: lerp returns exactly end (moved) or start
-                moved = weights[rows]
+                moved = buffer[1][: stop - start][rows]
                 torch.lt(hard[image], moved_counts[first:last], out=moved.view(-1, height * width))
                 start_, end_ = (base, x) if mode == "insert" else (x, base)
                 torch.lerp(start_, end_, moved, out=out[rows])
