@@ -6,10 +6,11 @@ On ``efficientnet_lite0`` (224, its real packaged weights) and scikit-image's ``
 tents, black fill, q = 15 candidates, beam width 3, more than 10 roots, threshold 0.9 x p0, I-GOS
 ranking with the per-sample seed ``harness run --seed 0`` gives each photo):
 
-* **batched**: the metric's own search (``ConfidenceOracle`` with forward passes of
-  ``--batch-size`` rows, all candidates of a depth and all single-patch removals of a pruning pass
-  in shared passes, ``pruning="batched"``), i.e. ``harness run --metric subexplanations
-  -o metric.count=false --batch-size 32``.
+* **batched**: the metric's own search (``ConfidenceOracle`` with forward passes of up to
+  ``--batch-size`` rows: all candidates of a depth, and in pruning the next removal of every set
+  being pruned, of every image, share passes; ``pruning="batched"``), i.e. ``harness run --metric
+  subexplanations -o metric.count=false --batch-size 32``. Batched pruning evaluates exactly the
+  patch sets sequential pruning evaluates, so both sides make the same number of passes.
 * **unbatched**: the same search with ``ConfidenceOracle(chunk_size=1)`` and
   ``pruning="sequential"``: one patch set per forward pass, removals tried one at a time, as the
   published SAG code evaluates them (the oracle's per-image cache still never evaluates a patch set
@@ -26,7 +27,7 @@ the same MSEs (same patch sets in the same order) and reports the largest confid
 (``harness.allocator.tune_allocator()`` at process start; ``HARNESS_MALLOC_TUNING=0`` to measure
 the default allocator) and ``torch.set_num_threads(--threads)`` (default 2).
 
-    python benchmarks/subexplanations.py                           # rocket, batch 32, ~2-4 min on 2 idle cores
+    python benchmarks/subexplanations.py                           # rocket, batch 32, 2 rounds: ~2 min on 2 idle cores
     python benchmarks/subexplanations.py --images rocket,chelsea --batch-size 64 --count
     python benchmarks/subexplanations.py --quick                   # beam width 1, stop after 3 roots (~20 s)
     python benchmarks/subexplanations.py --speculative             # batched side: speculative pruning windows
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", default="rocket", help="comma-separated sample photos: rocket, chelsea, coffee, astronaut")
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=32, help="the batched side's --batch-size (32 or 64)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating batched/unbatched rounds (best kept)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating batched/unbatched rounds (best kept; default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--count", action="store_true", help="also time sub-explanation counting (batched) separately")
     parser.add_argument("--quick", action="store_true", help="beam width 1, stop after more than 2 roots (a smoke run)")
