@@ -24,6 +24,14 @@ def pyplot():
     return plt
 
 
+def artifact_path(out_dir: Path, run_id: str, name: str) -> tuple[Path, str]:
+    """(absolute path to write, path relative to the result file) of artifact ``name`` of a run."""
+    relative = f"{run_id}/{name}"
+    path = Path(out_dir) / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, relative
+
+
 def plot_curves(path: Path, curves: dict[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str) -> None:
     """Line plot of one or more curves sampled at evenly spaced fractions 0..1."""
     plt = pyplot()

@@ -73,10 +73,9 @@ class MetricContext:
 
     def artifact(self, name: str) -> tuple[Path, str]:
         """(absolute path to write, path relative to the result file) for an artifact ``name``."""
-        relative = f"{self.run_id}/{name}"
-        path = self.out_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path, relative
+        from harness.plotting import artifact_path
+
+        return artifact_path(self.out_dir, self.run_id, name)
 
     def keep_visual(self, sample_id: str, **tensors: torch.Tensor) -> None:
         """Store tensors (e.g. ``image=``, ``attribution=``) for plots if ``sample_id`` is among the first few."""

@@ -227,10 +227,11 @@ class AttentionDistance(Metric):
 
     def plot(self, result, records, out_dir: Path) -> dict[str, str]:
         model = result.models[0]
-        path = Path(out_dir) / result.run_id / "attention_distance.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from harness.plotting import artifact_path
+
+        path, relative = artifact_path(out_dir, result.run_id, "attention_distance.png")
         draw_distances(path, result.values, title=_title(model.id, model.random_init, result.dataset.n_samples))
-        return {"attention_distance": f"{result.run_id}/attention_distance.png"}
+        return {"attention_distance": relative}
 
 
 def _title(model_id: str, random_init: bool, n: int) -> str:

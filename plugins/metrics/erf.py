@@ -202,10 +202,11 @@ class ERF(Metric):
 
     def plot(self, result, records, out_dir: Path) -> dict[str, str]:
         model = result.models[0]
-        path = Path(out_dir) / result.run_id / "erf.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from harness.plotting import artifact_path
+
+        path, relative = artifact_path(out_dir, result.run_id, "erf.png")
         draw_erf(path, result.values, title=_title(model.id, model.random_init, result.dataset.n_samples))
-        return {"erf": f"{result.run_id}/erf.png"}
+        return {"erf": relative}
 
 
 def _title(model_id: str, random_init: bool, n: int) -> str:

@@ -178,10 +178,11 @@ class NormRatio(Metric):
 
     def plot(self, result, records, out_dir: Path) -> dict[str, str]:
         model = result.models[0]
-        path = Path(out_dir) / result.run_id / "norm_ratio.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from harness.plotting import artifact_path
+
+        path, relative = artifact_path(out_dir, result.run_id, "norm_ratio.png")
         draw_norm_ratio(path, result.values, title=_title(model.id, model.random_init, result.dataset.n_samples))
-        return {"norm_ratio": f"{result.run_id}/norm_ratio.png"}
+        return {"norm_ratio": relative}
 
 
 def _title(model_id: str, random_init: bool, n: int) -> str:
