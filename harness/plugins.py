@@ -1,4 +1,9 @@
-"""Plugin discovery through the ``harness`` entry-point group, with per-plugin error isolation."""
+"""Plugin discovery through the ``harness`` entry-point group, with per-plugin error isolation.
+
+A plugin is third-party code run at import and registration: anything it raises there (any
+``BaseException`` but ``KeyboardInterrupt``, so ``sys.exit()``, ``SystemExit`` and ``GeneratorExit``
+too) is recorded on the plugin, which is skipped; the other plugins and every command keep working.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +58,18 @@ class PluginInfo:
         }
 
 
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` (or ``Type`` alone) on one line, safe even when ``str(exc)`` itself raises."""
+    name = type(exc).__name__
+    try:
+        text = " ".join(str(exc).split())
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - a hostile __str__ must not escape either
+        text = "<unprintable>"
+    return f"{name}: {text}" if text else name
+
+
 def _env_list(name: str) -> set[str] | None:
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
@@ -102,17 +119,21 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> tuple
             continue
         try:
             plugin = ep.load()
-        except Exception as exc:  # a broken plugin must not break the rest
-            info.errors.append(f"import failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a broken plugin (even sys.exit()) must not break the rest
+            info.errors.append(f"import failed: {describe_exception(exc)}")
             continue
         key = f"{info.dist}:{info.name}"
         try:
             pm.register(plugin, name=key)
             pm.check_pending()  # a misspelt hook name (e.g. register_model) is an error, not silence
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
             if pm.get_plugin(key) is not None:
                 pm.unregister(name=key)
-            info.errors.append(f"registration failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            info.errors.append(f"registration failed: {describe_exception(exc)}")
     return pm, loaded
 
 
@@ -123,8 +144,10 @@ def call_registrations(
 ) -> None:
     """Call every plugin's registration hooks and pass each component to ``accept(kind, obj, info)``.
 
-    Plugins are handled one at a time: if any of a plugin's hooks raises, the error is recorded on
-    the plugin and none of its components is accepted (the plugin is skipped, the rest works).
+    Plugins are handled one at a time: if any of a plugin's hooks raises (any ``BaseException`` but
+    ``KeyboardInterrupt``), the error is recorded on the plugin and none of its components is
+    accepted (the plugin is skipped, the rest works). If ``accept`` itself raises on a component (a
+    hostile object), that component is recorded as failed and the plugin's others are still offered.
     """
     by_name = {f"{i.dist}:{i.name}": i for i in infos}
     collected: dict[str, list[tuple[str, Any]]] = {}
@@ -136,8 +159,10 @@ def call_registrations(
             found: list[Any] = []
             try:
                 impl.function(**{arg: found.append for arg in impl.argnames})
-            except Exception as exc:  # isolate the failing plugin
-                info.errors.append(f"{hook_name} failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - isolate the failing plugin, SystemExit included
+                info.errors.append(f"{hook_name} failed: {describe_exception(exc)}")
                 continue
             collected.setdefault(impl.plugin_name, []).extend((kind, obj) for obj in found)
     for info in infos:
@@ -145,4 +170,41 @@ def call_registrations(
         if info.errors or key not in collected:
             continue
         for kind, obj in collected[key]:
-            accept(kind, obj, info)
+            try:
+                accept(kind, obj, info)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - e.g. an ``id`` property that calls sys.exit()
+                info.errors.append(f"{kind} registration failed: {describe_exception(exc)}")
+
+
+def disabled_bundled_ids(infos: list[PluginInfo]) -> dict[str, dict[str, str]]:
+    """``kind -> id -> provider`` of what the bundled plugins switched off by the selection would register.
+
+    Their ids stay reserved: a third-party plugin cannot take over ``accuracy`` by disabling the bundled
+    one. Bundled plugins ship with harness, so loading them here runs no third-party code; one that
+    fails to load reserves nothing.
+    """
+    reserved: dict[str, dict[str, str]] = {kind: {} for kind in HOOK_KINDS.values()}
+    for info in infos:
+        if info.enabled or not info.bundled:
+            continue
+        provider = f"{info.dist}:{info.name} (disabled)"
+        pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        pm.add_hookspecs(hookspecs)
+        try:
+            plugin = metadata.EntryPoint(name=info.name, value=info.module, group=ENTRY_POINT_GROUP).load()
+            pm.register(plugin, name=info.name)
+            for hook_name, kind in HOOK_KINDS.items():
+                for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                    found: list[Any] = []
+                    impl.function(**{arg: found.append for arg in impl.argnames})
+                    for obj in found:
+                        cid = getattr(obj, "id", None)
+                        if isinstance(cid, str) and cid:
+                            reserved[kind].setdefault(cid, provider)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - it reserves what it registered before failing
+            continue
+    return reserved

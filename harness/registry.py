@@ -7,11 +7,11 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.components import COMPONENT_KINDS, Component, ModelSpec
 from harness.errors import HarnessError, UnknownIdError
-from harness.plugins import PluginInfo, call_registrations, discover
+from harness.plugins import PluginInfo, call_registrations, disabled_bundled_ids, discover
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,7 +160,32 @@ def read_registry_toml(text: str, source: str) -> tuple[dict[str, Alias], dict[s
     return aliases, dict(data.get("suites", {}))
 
 
-def _accept_into(components: dict[str, dict[str, Registered]], infos: list[PluginInfo]):
+Holder = Callable[[str, str], "str | None"]
+"""``holder(kind, id)``: who already holds an id outside the plugins' registrations (or None)."""
+
+
+def reserved_ids(aliases: dict[str, Alias], infos: list[PluginInfo]) -> Holder:
+    """Ids no plugin may take: registry.toml's model aliases and the ids of switched-off bundled plugins.
+
+    The bundled plugins' ids are looked up only when first needed (a run with no plugin disabled
+    loads nothing extra).
+    """
+    bundled: dict[str, dict[str, str]] | None = None
+
+    def holder(kind: str, cid: str) -> str | None:
+        nonlocal bundled
+        if kind == "model" and cid in aliases:
+            alias = aliases[cid]
+            target = f"timm:{alias.timm}" if alias.timm is not None else f"model {alias.model}"
+            return f"registry.toml (alias for {target})"
+        if bundled is None:
+            bundled = disabled_bundled_ids(infos)
+        return bundled.get(kind, {}).get(cid)
+
+    return holder
+
+
+def _accept_into(components: dict[str, dict[str, Registered]], infos: list[PluginInfo], reserved: Holder | None = None):
     def accept(kind: str, obj: Any, info: PluginInfo) -> None:
         provider = f"{info.dist or '?'}:{info.name}"
         cid = getattr(obj, "id", None)
@@ -171,7 +196,10 @@ def _accept_into(components: dict[str, dict[str, Registered]], infos: list[Plugi
             info.errors.append(f"registered an invalid {kind}: {obj!r}")
             return
         if cid in components[kind]:
-            other = components[kind][cid].provider
+            other: str | None = components[kind][cid].provider
+        else:
+            other = reserved(kind, cid) if reserved is not None else None
+        if other is not None:  # taken ids are never taken over: aliases, bundled ids, earlier plugins
             info.errors.append(f"duplicate {kind} id {cid!r}: already provided by {other}; ignored from {provider}")
             return
         components[kind][cid] = Registered(obj, provider)
@@ -182,19 +210,16 @@ def _accept_into(components: dict[str, dict[str, Registered]], infos: list[Plugi
 
 def build_registry() -> Registry:
     """Discover plugins, collect their components and read registry.toml."""
+    text = resources.files("harness").joinpath("registry.toml").read_text(encoding="utf-8")
+    aliases, suites = read_registry_toml(text, "registry.toml")
     pm, infos = discover()
     components: dict[str, dict[str, Registered]] = {kind: {} for kind in COMPONENT_KINDS}
-    call_registrations(pm, infos, _accept_into(components, infos))
+    call_registrations(pm, infos, _accept_into(components, infos, reserved_ids(aliases, infos)))
     from harness.progress import warn
 
     for info in infos:
         for error in info.errors:
             warn(f"plugin {info.name} ({info.dist}): {error}")
-    text = resources.files("harness").joinpath("registry.toml").read_text(encoding="utf-8")
-    aliases, suites = read_registry_toml(text, "registry.toml")
-    for alias in list(aliases):
-        if alias in components["model"]:
-            del aliases[alias]  # a registered model wins over an alias of the same name
     return Registry(plugins=infos, components=components, aliases=aliases, suites=suites)
 
 

@@ -39,16 +39,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            text = _one_line(exc)
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            if found is None:
-                raise HarnessError(f"cannot read {path} as a torch weights file: {text[:200]}") from None
-            raise HarnessError(
-                f"{path} is not a weights-only torch file: it pickles {found[1]}; "
-                "save the state dict alone, or convert it to .safetensors"
-            ) from None
+            raise HarnessError(_not_weights_only_message(path, exc)) from None
         except Exception as exc:
-            raise HarnessError(f"cannot read {path} as a torch weights file: {_one_line(exc)[:200]}") from None
+            raise HarnessError(f"cannot read {path} as a torch weights file: {_torch_reason(exc)}") from None
         tensors = _unwrap(obj, path)
     if any(k.startswith("module.") for k in tensors) and all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
@@ -108,6 +101,51 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
 def _first(items: list[str], n: int = 4) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# Where torch's weights-only unpickler names the object it refused, across torch versions:
+# "Unsupported global: GLOBAL __main__.Net was not an allowed global by default" (2.4+),
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" (2.6+),
+# "Unsupported class __main__.Net" (2.0-2.3), "... but got <class '__main__.Net'>" (NEWOBJ / BUILD).
+_REFUSED_GLOBAL = (
+    re.compile(r"\bGLOBAL\s+([A-Za-z_][\w.]*)"),
+    re.compile(r"\bUnsupported class\s+([A-Za-z_][\w.]*)"),
+    re.compile(r"\bbut got <class '([A-Za-z_][\w.]*)'>"),
+)
+# Sentences of torch's text that are advice, not a reason (never pass on "set weights_only=False").
+_ADVICE = re.compile(r"weights_only|safe_globals|trust|documentation|file an issue|https?://|\(\d\)", re.IGNORECASE)
+_WEIGHTS_ONLY_HINT = "save the state dict alone, or convert it to .safetensors"
+
+
+def refused_global(message: str) -> str | None:
+    """The ``module.name`` a weights-only load refused, read from torch's error text (None if not named)."""
+    for pattern in _REFUSED_GLOBAL:
+        found = pattern.search(message)
+        if found:
+            name = found[1].rstrip(".")
+            return name if "." in name else f"builtins.{name}"  # torch drops the "builtins." it read
+    return None
+
+
+def _torch_reason(exc: BaseException, fallback: str | None = None, limit: int = 200) -> str:
+    """torch's error text on one line without its advice sentences (e.g. to set ``weights_only=False``).
+
+    ``fallback`` (default: the exception's type name) stands in when nothing but advice is left.
+    """
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).replace("WeightsUnpickler error:", "\n")
+    sentences = (" ".join(part.split()) for part in re.split(r"\n+|(?<=[.:;])\s+", raw))
+    kept = " ".join(s for s in sentences if s and not _ADVICE.search(s) and s != "Weights only load failed.")
+    kept = kept.strip() or fallback or type(exc).__name__
+    return kept if len(kept) <= limit else kept[: limit - 3].rstrip() + "..."
+
+
+def _not_weights_only_message(path: Path, exc: BaseException) -> str:
+    """The one documented line for a pickle that weights-only loading refused (nothing of it has run)."""
+    name = refused_global(_one_line(exc))
+    if name is not None:
+        return f"{path} is not a weights-only torch file: it pickles {name}; {_WEIGHTS_ONLY_HINT}"
+    reason = _torch_reason(exc, fallback="it holds objects that weights-only loading refuses")
+    return f"{path} is not a weights-only torch file: {reason}; {_WEIGHTS_ONLY_HINT}"
 
 
 def _one_line(exc: BaseException) -> str:
