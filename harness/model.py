@@ -26,6 +26,9 @@ class LoadedModel:
     weights_sha256: str | None
     random_init: bool
     batch_size: int = 32
+    resize: str = "timm"
+    """How images become inputs: ``timm`` (the model's data config: resize, crop, PIL interpolation)
+    or ``opencv_linear`` (the published explanation code's ``cv2.resize`` squash to the input size)."""
     _transform: Any = field(default=None, repr=False)
 
     @property
@@ -53,11 +56,31 @@ class LoadedModel:
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         """Normalised input batch (B, 3, H, W) on the device from PIL images."""
+        if self.resize == "opencv_linear":
+            return self.normalise(torch.stack([self._opencv_pixels(img) for img in images]).to(self.device))
         if self._transform is None:
             import timm.data
 
             self._transform = timm.data.create_transform(**self.data_config, is_training=False)
         return torch.stack([self._transform(img) for img in images]).to(self.device)
+
+    def _opencv_pixels(self, image: Any) -> torch.Tensor:
+        """(3, H, W) pixels in [0, 1]: OpenCV's INTER_LINEAR squash resize of the 8-bit RGB image."""
+        import numpy as np
+
+        from harness.resize import opencv_linear_resize
+
+        _, height, width = self.input_size
+        array = opencv_linear_resize(np.asarray(image.convert("RGB")), width, height)
+        return torch.from_numpy(array.astype(np.float32) / 255).permute(2, 0, 1)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The input pipeline, as recorded in result files."""
+        if self.resize == "opencv_linear":
+            return {"resize": "opencv_linear", "input_size": list(self.input_size), "crop": None,
+                    "mean": list(self.data_config["mean"]), "std": list(self.data_config["std"])}
+        keys = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+        return {"resize": "timm", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items() if k in keys}}
 
     def logits(self, inputs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """Logits of ``inputs`` without gradients, in chunks of ``chunk_size`` (default batch size)."""
@@ -78,6 +101,7 @@ class LoadedModel:
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "random_init": self.random_init,
+            "preprocessing": self.preprocessing(),
         }
 
 
@@ -104,6 +128,7 @@ def load_model(
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
     batch_size: int = 32,
+    resize: str = "timm",
 ) -> LoadedModel:
     """Build ``spec`` with its default weights, a user's ``weights`` file, or a seeded random init."""
     import timm.data
@@ -138,4 +163,5 @@ def load_model(
         weights_sha256=state_dict_sha256(module),
         random_init=random_init,
         batch_size=batch_size,
+        resize=resize,
     )

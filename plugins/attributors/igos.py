@@ -3,8 +3,17 @@
 Minimises ``l1 * mean|1 - m| + tv * TV_2(m) + score(x * M + base * (1 - M))`` over a G x G mask m
 (M = its ``align_corners=True`` bilinear upsampling) by gradient steps whose gradient of the score
 term is integrated over ``integration_points`` masks ``(k / K) * M`` with Gaussian input noise, and
-whose step size comes from an Armijo backtracking line search (start 200, decay 0.2, alpha 1e-4);
-m is clamped to [0, 1]. Low mask values mark important cells; the returned map is ``1 - M``.
+whose step size comes from an Armijo backtracking line search (start 200, decay 0.2, alpha 1e-4;
+as in the published code, the search multiplies the step, evaluates it and gives up once the step
+is below 1e-5, keeping that last step); m is clamped to [0, 1]. Low mask values mark important
+cells; the returned map is ``1 - M``.
+
+With SAG's settings (2 iterations from m = 1) the line search usually gives up and the mask moves by
+about 1e-2 at most, and every cell whose gradient pushes it up stays clamped at exactly 1: the
+published ranking of those cells is whatever ``np.argsort`` makes of the ties. ``ranking="unclamped"``
+(the default) ranks by ``1 - (m - step * grad)`` before the last clamp instead, which keeps the order
+of every cell strictly inside (0, 1) and orders the clamped ones by how hard their last gradient
+pushed them; ``ranking="clamped"`` returns the published ``1 - m``.
 
 All integration points of all images are evaluated in batched forward+backward passes, and the line
 search evaluates the still-searching images together.
@@ -35,12 +44,15 @@ class IGOSOptions(Options):
     noise: Literal["all_channels", "reference"] = "all_channels"
     """all_channels: N(0, noise_std^2) on every channel (the intent); reference: the released code's
     effect, N(0, (2 * noise_std)^2) on the first channel only."""
-    baseline: Literal["blur", "black", "mean"] = "blur"
-    """What masked-out pixels become: Gaussian blur (kernel 11, sigma 5), black, or the mean colour."""
+    baseline: Literal["black", "blur", "mean"] = "black"
+    """What masked-out pixels become: black (SAG's I-GOS, the default), Gaussian blur (kernel 11, sigma 5), or the mean colour."""
     line_search_start: float = 200.0
     line_search_decay: float = 0.2
     armijo_alpha: float = 1e-4
     score: Literal["softmax", "logit"] = "softmax"
+    ranking: Literal["unclamped", "clamped"] = "unclamped"
+    """What ``coarse`` returns: 1 - the last update before its clamp (ties at m = 1 broken by the
+    gradient), or the published 1 - m (every cell clamped at 1 tied at 0)."""
 
 
 def tv_norm(mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -50,8 +62,15 @@ def tv_norm(mask: torch.Tensor, beta: float) -> torch.Tensor:
     return rows + cols
 
 
-def igos_masks(model: LoadedModel, inputs: torch.Tensor, target: torch.Tensor, seeds: Sequence[int], o: IGOSOptions) -> torch.Tensor:
-    """(B, grid, grid) optimised masks (values in [0, 1], low = important)."""
+def igos_masks(
+    model: LoadedModel, inputs: torch.Tensor, target: torch.Tensor, seeds: Sequence[int], o: IGOSOptions, clamp_last: bool = True
+) -> torch.Tensor:
+    """(B, grid, grid) optimised masks (values in [0, 1], low = important).
+
+    ``clamp_last=False`` returns, in float64, the last update before its clamp (values may leave
+    [0, 1]), from a float64 copy of the mask that takes the same steps: with SAG's settings the
+    steps are often so small (4e-6 x a gradient of 1e-2) that the float32 mask rounds them away at 1.
+    """
     from harness_plugins.maskers.fills import gaussian_blur
 
     n_images, _, height, width = inputs.shape
@@ -63,6 +82,7 @@ def igos_masks(model: LoadedModel, inputs: torch.Tensor, target: torch.Tensor, s
         base = torch.zeros_like(inputs)
     up = lambda m: F.interpolate(m, size=(height, width), mode="bilinear", align_corners=True)  # noqa: E731
     mask = torch.ones(n_images, 1, o.grid, o.grid, device=inputs.device)
+    shadow = mask.double()
     k = o.integration_points
     fractions = (torch.arange(1, k + 1, dtype=torch.float32, device=inputs.device) / k).view(-1, 1, 1, 1)
     net = model.module
@@ -107,10 +127,17 @@ def igos_masks(model: LoadedModel, inputs: torch.Tensor, target: torch.Tensor, s
             trial = (mask[rows] - step[rows].view(-1, 1, 1, 1) * grad[rows]).clamp(0, 1)
             loss_trial = regulariser(trial) + score_of(trial, rows)
             done = loss_trial <= loss_now[rows] - step[rows] * decrease[rows]
-            tiny = step[rows] * o.line_search_decay < 1e-5
-            active[rows[done | tiny]] = False
-            step[rows[~done]] = torch.where(tiny[~done], step[rows[~done]], step[rows[~done]] * o.line_search_decay)
+            # the published loop: a failed step is multiplied by the decay and evaluated; once the
+            # step is below 1e-5 that evaluation is the last and its step is kept, accepted or not
+            given_up = (step[rows] < 1e-5) & ~done
+            active[rows[done | given_up]] = False
+            retry = rows[~done & ~given_up]
+            step[retry] = step[retry] * o.line_search_decay
         mask = (mask - step.view(-1, 1, 1, 1) * grad).clamp(0, 1)
+        update = shadow - step.double().view(-1, 1, 1, 1) * grad.double()
+        shadow = update.clamp(0, 1)
+    if not clamp_last:
+        return update[:, 0]
     return mask[:, 0]
 
 
@@ -130,15 +157,16 @@ def _noise(seeds: Sequence[int], iteration: int, points: int, inputs: torch.Tens
 
 
 class IGOS(Attributor):
-    """I-GOS: 1 - an optimised G x G mask (2 iterations, 20 integration points, l1 = 1, tv = 20)."""
+    """I-GOS: 1 - an optimised G x G mask (2 iterations, 20 integration points, l1 = 1, tv = 20, black baseline)."""
 
     id: ClassVar[str] = "igos"
+    version: ClassVar[str] = "2"
     Options = IGOSOptions
 
     def coarse(self, model: LoadedModel, inputs: torch.Tensor, target: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """(B, G, G) importance ``1 - m`` on the grid itself (what SAG ranks its candidates by)."""
-        return 1 - igos_masks(model, inputs, target, seeds, self.options)
+        return 1 - igos_masks(model, inputs, target, seeds, self.options, clamp_last=self.options.ranking == "clamped")
 
     def attribute(self, model: LoadedModel, inputs: torch.Tensor, target: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        importance = self.coarse(model, inputs, target, seeds).unsqueeze(1)
+        importance = self.coarse(model, inputs, target, seeds).unsqueeze(1).float()
         return F.interpolate(importance, size=inputs.shape[-2:], mode="bilinear", align_corners=True)[:, 0]

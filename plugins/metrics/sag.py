@@ -114,7 +114,7 @@ class ConfidenceOracle:
 # -- the search -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SearchSettings:
-    """SAG's published parameters (beam width: see ``beam_width``)."""
+    """SAG's published parameters (beam width: see ``beam_width``; the two protocols: see ``protocol``)."""
 
     threshold: float = 0.9
     candidates: int = 15
@@ -124,6 +124,12 @@ class SearchSettings:
     pruning: Literal["batched", "sequential"] = "batched"
     speculative_pruning: bool = False
     """Batched pruning only: evaluate windows of removals per round (fewer rounds, more passes; see prune_batched)."""
+    protocol: Literal["clean", "sag"] = "clean"
+    """``clean``: distinct successors, every sufficient successor pruned into a root, ``beam_width`` members
+    kept, pruning stops at one patch. ``sag``: the published ``search.py`` exactly — repeated successors
+    kept (a set reached from two beam members fills two slots), the beam filled until it holds
+    ``beam_width + 1`` members (the published off-by-one) and sufficient successors ranked below that
+    point never examined, pruning allowed down to the empty set."""
 
 
 @dataclass
@@ -139,39 +145,35 @@ def beam_search(ranking: list[int], p0: float, s: SearchSettings) -> Search:
     """Beam search from the empty set for sufficient patch sets (``p > threshold * p0``), pruned to MSEs.
 
     Every beam member is extended by each of its ``candidates`` most important unused patches (in
-    ``ranking`` order); successors (distinct sets) are sorted by confidence, descending (ties: order
-    of generation); sufficient ones are pruned into roots, the others fill the next beam up to
-    ``beam_width``. The search stops after the depth at which more than ``max_roots`` distinct roots
-    exist, when the beam is empty, or at ``max_depth``.
+    ``ranking`` order); successors are sorted by confidence, descending (ties: order of generation);
+    sufficient ones are pruned into roots, the others fill the next beam. The search stops after the
+    depth at which more than ``max_roots`` distinct roots exist, when the beam is empty, or at
+    ``max_depth``. ``s.protocol`` chooses between the clean protocol and the published one (see
+    :class:`SearchSettings`); either way a patch set is evaluated once (the oracle caches).
     """
+    published = s.protocol == "sag"
     bar = s.threshold * p0
     beam: list[PatchSet] = [()]
     roots: list[PatchSet] = []
     confidences: dict[PatchSet, float] = {}
     depth = 0
     for depth in range(1, s.max_depth + 1):
-        successors: list[PatchSet] = []
-        seen: set[PatchSet] = set()
-        for node in beam:
-            used = set(node)
-            for patch in [p for p in ranking if p not in used][: s.candidates]:
-                child = tuple(sorted((*node, patch)))
-                if child not in seen:
-                    seen.add(child)
-                    successors.append(child)
+        successors = _successors(beam, ranking, s.candidates, keep_repeats=published)
         if not successors:
             break
-        conf = yield ("search", successors)
+        conf = yield ("search", list(dict.fromkeys(successors)))
         confidences.update(conf)
         order = sorted(range(len(successors)), key=lambda i: (-conf[successors[i]], i))
-        sufficient = [successors[i] for i in order if conf[successors[i]] > bar]
-        beam = [successors[i] for i in order if conf[successors[i]] <= bar][: s.beam_width]
+        sufficient, beam = _split(
+            [successors[i] for i in order], conf, bar, s.beam_width + 1 if published else s.beam_width, stop_when_full=published
+        )
         if sufficient:
             start = {k: conf[k] for k in sufficient}
+            unique = list(dict.fromkeys(sufficient))
             if s.pruning == "batched":
-                pruned, pruned_conf = yield from prune_batched(sufficient, start, bar, s.speculative_pruning)
+                pruned, pruned_conf = yield from prune_batched(unique, start, bar, s.speculative_pruning, to_empty=published)
             else:
-                pruned, pruned_conf = yield from prune_sequential(sufficient, start, bar)
+                pruned, pruned_conf = yield from prune_sequential(unique, start, bar, to_empty=published)
             confidences.update(pruned_conf)
             for root in pruned:
                 if root not in roots:
@@ -181,16 +183,49 @@ def beam_search(ranking: list[int], p0: float, s: SearchSettings) -> Search:
     return SearchResult(roots=roots, confidences=confidences, depth=depth)
 
 
-def prune_sequential(sets: list[PatchSet], conf: dict[PatchSet, float], bar: float) -> Generator[Queries, dict[PatchSet, float], tuple[list[PatchSet], dict[PatchSet, float]]]:
+def _successors(beam: list[PatchSet], ranking: list[int], candidates: int, keep_repeats: bool) -> list[PatchSet]:
+    """Each beam member extended by its ``candidates`` best unused patches, in generation order;
+    without ``keep_repeats`` a set reached again is dropped."""
+    out: list[PatchSet] = []
+    for node in beam:
+        used = set(node)
+        out.extend(tuple(sorted((*node, patch))) for patch in [p for p in ranking if p not in used][:candidates])
+    return out if keep_repeats else list(dict.fromkeys(out))
+
+
+def _split(
+    ordered: list[PatchSet], conf: dict[PatchSet, float], bar: float, width: int, stop_when_full: bool
+) -> tuple[list[PatchSet], list[PatchSet]]:
+    """(sufficient successors to prune, next beam) from successors sorted by confidence.
+
+    ``stop_when_full``: the published loop, which stops reading the sorted list once the beam holds
+    ``width`` members (sufficient successors below that point are never examined)."""
+    sufficient: list[PatchSet] = []
+    beam: list[PatchSet] = []
+    for child in ordered:
+        if conf[child] > bar:
+            sufficient.append(child)
+        elif len(beam) < width:
+            beam.append(child)
+            if stop_when_full and len(beam) == width:
+                break
+    return sufficient, beam
+
+
+def prune_sequential(
+    sets: list[PatchSet], conf: dict[PatchSet, float], bar: float, to_empty: bool = False
+) -> Generator[Queries, dict[PatchSet, float], tuple[list[PatchSet], dict[PatchSet, float]]]:
     """SAG's pruning, one removal at a time: passes over the patches in row-major order, dropping a
-    patch whenever the rest stays sufficient, until a pass removes nothing (never down to the empty set)."""
+    patch whenever the rest stays sufficient, until a pass removes nothing. The last patch is only
+    tried when ``to_empty`` (the published code does, so its MSE can be the empty set)."""
+    floor = 0 if to_empty else 1
     known = dict(conf)
     out = []
     for current in sets:
         while True:
             removed = False
             for patch in list(current):
-                if patch not in current or len(current) == 1:
+                if patch not in current or len(current) == floor:
                     continue
                 trial = tuple(p for p in current if p != patch)
                 if trial not in known:
@@ -204,7 +239,7 @@ def prune_sequential(sets: list[PatchSet], conf: dict[PatchSet, float], bar: flo
 
 
 def prune_batched(
-    sets: list[PatchSet], conf: dict[PatchSet, float], bar: float, speculative: bool = False
+    sets: list[PatchSet], conf: dict[PatchSet, float], bar: float, speculative: bool = False, to_empty: bool = False
 ) -> Generator[Queries, dict[PatchSet, float], tuple[list[PatchSet], dict[PatchSet, float]]]:
     """The same result as :func:`prune_sequential`, for all ``sets`` at once.
 
@@ -227,6 +262,7 @@ def prune_batched(
     235 forward calls by default and 2,158 in 170 speculatively (12.0 s vs 14.2 s, 2 CPU cores).
     """
     known = dict(conf)
+    floor = 0 if to_empty else 1
     # per set: current set, patches of this pass still to try (row-major), removed in this pass?, window
     state: list[list] = [[s, list(s), False, 1] for s in sets]
 
@@ -234,7 +270,7 @@ def prune_batched(
         """Apply every decision the known confidences allow; False when set ``i`` is finished."""
         current, todo, removed, window = state[i]
         while True:
-            while todo and len(current) > 1:
+            while todo and len(current) > floor:
                 trial = tuple(p for p in current if p != todo[0])
                 if trial not in known:
                     state[i] = [current, todo, removed, window]

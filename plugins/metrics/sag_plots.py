@@ -45,43 +45,63 @@ def plot_mses(path: Path, visual: dict[str, torch.Tensor], record: dict[str, Any
     plt.close(fig)
 
 
+THUMB_IN = 1.15  # thumbnail side, inches
+GAP_X_IN = 0.25  # horizontal gap between thumbnails
+ROW_IN = 1.95  # thumbnail + label + connector per tree level
+
+
 def plot_tree(path: Path, visual: dict[str, torch.Tensor], record: dict[str, Any], grid: int) -> None:
-    """For the first MSEs: the MSE, its one-patch deletions and their best two-patch deletions,
-    each drawn as the masked image with its relative confidence (edges: the removed patch)."""
+    """For the first MSEs: the MSE, its one-patch deletions and the best two-patch deletion below each,
+    drawn as masked images with their relative confidence (faded below 0.5).
+
+    Thumbnails have a fixed size in inches (the figure grows with the widest MSE, so a 12-patch MSE
+    stays legible), labels sit under their picture, and connectors run between label and picture.
+    """
     plt = pyplot()
     trees = record["values"]["tree"]
-    width = max(len(t["children"]) for t in trees) if trees else 1
-    fig = plt.figure(figsize=(1.5 * max(width, 3), 3.3 * len(trees)), dpi=100)
+    columns = max([len(t["children"]) for t in trees] + [3])
+    width_in = columns * (THUMB_IN + GAP_X_IN) + GAP_X_IN
+    header_in = 0.45
+    height_in = header_in + len(trees) * (3 * ROW_IN + 0.35)
+    fig = plt.figure(figsize=(width_in, height_in), dpi=100)
+
+    def box(x_in: float, top_in: float) -> tuple[float, float, float, float]:
+        """Figure coordinates of a thumbnail centred at x_in whose top is top_in below the figure top."""
+        return ((x_in - THUMB_IN / 2) / width_in, 1 - (top_in + THUMB_IN) / height_in, THUMB_IN / width_in, THUMB_IN / height_in)
+
+    def connect(x0_in: float, y0_in: float, x1_in: float, y1_in: float) -> None:
+        _edge(fig, x0_in / width_in, 1 - y0_in / height_in, x1_in / width_in, 1 - y1_in / height_in)
+
+    label_in = 0.32  # space under a thumbnail for its label
     for row, tree in enumerate(trees):
-        top = 1 - row / len(trees)
-        band = 1 / len(trees)
-        _thumb(fig, visual, tree["patches"], grid, 0.5, top - 0.07 * band, band, f"MSE {tree['relative']:.2f}", bold=True)
+        top = header_in + row * (3 * ROW_IN + 0.35)
+        centre = width_in / 2
+        _thumb(fig, box(centre, top), visual, tree["patches"], grid,
+               f"MSE ({len(tree['patches'])} patches): {tree['relative']:.2f}", bold=True)
         children = tree["children"]
-        for k, child in enumerate(children):
-            x = (k + 0.5) / len(children)
+        xs = [GAP_X_IN + (THUMB_IN + GAP_X_IN) * (k + 0.5) + (columns - len(children)) * (THUMB_IN + GAP_X_IN) / 2
+              for k in range(len(children))]
+        for x, child in zip(xs, children):
             patches = [p for p in tree["patches"] if p != child["removed"]]
-            _edge(fig, 0.5, top - 0.33 * band, x, top - 0.42 * band)
-            _thumb(fig, visual, patches, grid, x, top - 0.42 * band, band, f"-{child['removed']}: {child['relative']:.2f}",
+            connect(centre, top + THUMB_IN + label_in, x, top + ROW_IN)
+            _thumb(fig, box(x, top + ROW_IN), visual, patches, grid, f"-{child['removed']}: {child['relative']:.2f}",
                    faded=child["relative"] < 0.5)
-            best = sorted(child["children"], key=lambda g: -g["relative"])[:1]
-            for g in best:
+            for g in sorted(child["children"], key=lambda g: -g["relative"])[:1]:
                 grand = [p for p in patches if p != g["removed"]]
-                _edge(fig, x, top - 0.70 * band, x, top - 0.74 * band)
-                _thumb(fig, visual, grand, grid, x, top - 0.74 * band, band, f"-{g['removed']}: {g['relative']:.2f}",
+                connect(x, top + ROW_IN + THUMB_IN + label_in, x, top + 2 * ROW_IN)
+                _thumb(fig, box(x, top + 2 * ROW_IN), visual, grand, grid, f"-{g['removed']}: {g['relative']:.2f}",
                        faded=g["relative"] < 0.5)
-    fig.text(0.01, 0.995, f"{record['sample_id']}: sub-explanation tree (relative confidence; faded < 0.5)",
-             fontsize=8, va="top")
+    fig.text(0.5 * GAP_X_IN / width_in, 1 - 0.12 / height_in,
+             f"{record['sample_id']}: sub-explanation tree (relative confidence p/p0; -k: patch k removed; "
+             "below each deletion its best further deletion; faded < 0.5)", fontsize=9, va="top")
     fig.savefig(path)
     plt.close(fig)
 
 
-def _thumb(fig, visual, patches, grid, x, top, band, label, bold=False, faded=False) -> None:
-    size = 0.25 * band
-    aspect = fig.get_figheight() / fig.get_figwidth()
-    w = size * aspect
-    ax = fig.add_axes((x - w / 2, top - size, w, size))
+def _thumb(fig, rect, visual, patches, grid, label, bold=False, faded=False) -> None:
+    ax = fig.add_axes(rect)
     ax.imshow(masked_picture(visual, patches, grid), alpha=0.45 if faded else 1.0)
-    ax.set_title(label, fontsize=6, fontweight="bold" if bold else "normal")
+    ax.set_xlabel(label, fontsize=8, fontweight="bold" if bold else "normal", labelpad=2)
     ax.set_xticks([])
     ax.set_yticks([])
 

@@ -26,7 +26,11 @@ class SubexplanationOptions(Options):
     candidates: int = Field(15, ge=1)
     """q: the most important unused patches tried per beam member."""
     beam_width: int = Field(3, ge=1)
-    """Beam members kept per depth. SAG's code keeps beam_width + 1 = 4 (an off-by-one); set 4 to match it."""
+    """Beam members kept per depth (protocol=sag: the published parameter, which keeps beam_width + 1)."""
+    protocol: Literal["clean", "sag"] = "clean"
+    """clean: distinct successors, every sufficient successor pruned, beam_width members, pruning stops
+    at one patch. sag: the published search.py exactly (repeated successors kept, beam filled to
+    beam_width + 1 and the sorted successors read only up to that point, pruning down to the empty set)."""
     max_roots: int = Field(10, ge=1)
     """Stop after the depth at which more than this many distinct MSEs exist."""
     max_depth: int | None = Field(None, ge=1)
@@ -108,6 +112,7 @@ class Subexplanations(Metric):
             max_roots=o.max_roots,
             max_depth=min(o.max_depth or n_cells, n_cells),
             pruning=o.pruning,
+            protocol=o.protocol,
         )
 
     def evaluate(self, batch, ctx) -> list[dict[str, Any]]:
