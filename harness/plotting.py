@@ -11,7 +11,17 @@ from typing import Any, Sequence
 
 import torch
 
-from harness.results import Result, SamplesFile, read_result, write_result
+from harness.errors import HarnessError
+from harness.results import (
+    Result,
+    SamplesFile,
+    atomic_write_text,
+    check_run_id,
+    is_safe_relative_path,
+    read_result,
+    result_json,
+    sibling_path,
+)
 
 
 def pyplot():
@@ -25,8 +35,13 @@ def pyplot():
 
 
 def artifact_path(out_dir: Path, run_id: str, name: str) -> tuple[Path, str]:
-    """(absolute path to write, path relative to the result file) of artifact ``name`` of a run."""
-    relative = f"{run_id}/{name}"
+    """(absolute path to write, path relative to the result file) of artifact ``name`` of a run.
+
+    ``run_id`` must be a plain file name and ``name`` a relative path (the artifact stays in the run's folder).
+    """
+    if not is_safe_relative_path(name):
+        raise HarnessError(f"artifact name {name!r} is not a relative path inside the run's folder")
+    relative = f"{check_run_id(run_id)}/{name}"
     path = Path(out_dir) / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     return path, relative
@@ -75,18 +90,24 @@ def plot_overlays(path: Path, panels: list[tuple[str, torch.Tensor, torch.Tensor
 
 
 def plot_result(path: Path) -> dict[str, str]:
-    """Draw the plots of the result file at ``path``; record and return their relative paths."""
+    """Draw the plots of the result file at ``path``; record and return their relative paths.
+
+    The result is validated first (its run id is a plain file name), so every file written stays in
+    ``<folder of path>/<run_id>/``; the result file itself is updated in place.
+    """
     from harness.registry import get_registry
 
     path = Path(path)
     result: Result = read_result(path)
+    run_id = check_run_id(result.run_id)
     metric_cls = get_registry().get("metric", result.metric.id)
     metric = metric_cls(metric_cls.Options(**result.metric.options))
-    records = SamplesFile(path.with_name(f"{result.run_id}.samples.jsonl")).read()
-    folder = path.parent / result.run_id
+    records = SamplesFile(sibling_path(path, run_id, ".samples.jsonl")).read()
+    folder = path.parent / run_id
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = metric.plot(result, records, path.parent) or {}
     if written:
         result.artifacts.update(written)
-        write_result(result, path.parent)
+        updated = Result.model_validate(result.model_dump())  # artifact paths checked before anything is recorded
+        atomic_write_text(path, result_json(updated))
     return dict(written)

@@ -61,7 +61,7 @@ def test_table_renders_with_the_expected_rows(page, tmp_path):
     import html as html_lib
 
     assert sorted(html_lib.unescape(c) for c in first_cells) == sorted(rows)
-    assert "accuracy ↑" in dom and "insertion (saliency, blur:pixel) ↑" in dom
+    assert "accuracy ↑" in dom and "insertion steps=3 (saliency, blur:pixel) ↑" in dom
 
 
 def test_hostile_model_id_shows_as_text_and_runs_nothing(page):

@@ -66,6 +66,19 @@ def board_json(*args) -> dict:
     return json.loads(board(*args, "--format", "json"))
 
 
+def table_json(*args) -> dict:
+    """The JSON of a leaderboard that has exactly one table (all results on one sample set)."""
+    (table,) = board_json(*args)["tables"]
+    return table
+
+
+def table_lines(text: str) -> list[str]:
+    """The Markdown table lines of a one-table leaderboard (without its heading and notes)."""
+    lines = text.rstrip("\n").splitlines()
+    assert lines[0].startswith("## samples, 2 samples, sample ids ") and lines[1] == "", lines[:2]
+    return [line for line in lines if line.startswith("|")]
+
+
 def row_of(result: dict) -> str:
     return TINY_ROW if result["models"][0]["random_init"] else result["models"][0]["id"]
 
@@ -74,7 +87,8 @@ def column_of(result: dict) -> str:
     metric = result["metric"]["id"]
     if result["attributor"] is None:
         return metric
-    return f"{metric} ({result['attributor']['id']}, {result['masker']['id']}:{result['values']['granularity']})"
+    steps = result["metric"]["options"]["steps"]  # not the default: shown in the header
+    return f"{metric} steps={steps} ({result['attributor']['id']}, {result['masker']['id']}:{result['values']['granularity']})"
 
 
 def write(path: Path, data: dict) -> Path:
@@ -89,23 +103,23 @@ def find(made, model: str, metric: str) -> tuple[Path, dict]:
 # -- JSON ----------------------------------------------------------------------------------------------------
 def test_json_one_row_per_model_one_column_per_metric_attributor_masker(runs):
     out, made = runs
-    data = board_json(out)
+    data = table_json(out)
     rows = {r["model"]: r["cells"] for r in data["rows"]}
     assert list(rows) == sorted(rows) and set(rows) == {LITE, TINY_ROW}  # random-init marked in the row
     columns = {c["name"]: c["higher_is_better"] for c in data["columns"]}
     assert columns == {
         "accuracy": True,
-        "insertion (saliency, blur:pixel)": True,
-        "deletion (saliency, blur:pixel)": False,
+        "insertion steps=4 (saliency, blur:pixel)": True,
+        "deletion steps=4 (saliency, blur:pixel)": False,
     }
     assert sum(len(cells) for cells in rows.values()) == len(made)
     for _, result in made:
         cell = rows[row_of(result)][column_of(result)]
-        assert cell == {"value": result["value"], "stderr": result["stderr"],
-                        "n": result["dataset"]["n_samples"], "run_id": result["run_id"]}
+        assert {k: cell[k] for k in ("value", "stderr", "n", "run_id")} == {
+            "value": result["value"], "stderr": result["stderr"], "n": result["dataset"]["n_samples"], "run_id": result["run_id"]}
         assert cell["n"] == 2
     assert column_of(find(made, LITE, "insertion")[1]) in rows[LITE]
-    assert "deletion (saliency, blur:pixel)" not in rows[LITE]  # a cell with no result is simply absent
+    assert "deletion steps=4 (saliency, blur:pixel)" not in rows[LITE]  # a cell with no result is simply absent
 
 
 def test_folder_and_files_give_the_same_board(runs):
@@ -130,17 +144,17 @@ def test_markdown_is_a_github_table_with_direction_arrows(runs):
     out, made = runs
     text = board(out)
     assert board(out, "--format", "markdown") == text  # the default format
-    lines = text.rstrip("\n").splitlines()
+    lines = table_lines(text)
     assert len(lines) == 2 + 2  # header, separator, two models
     header = _md_cells(lines[0])
-    assert header == ["model", "accuracy ↑", "deletion (saliency, blur:pixel) ↓", "insertion (saliency, blur:pixel) ↑"]
+    assert header == ["model", "accuracy ↑", "deletion steps=4 (saliency, blur:pixel) ↓", "insertion steps=4 (saliency, blur:pixel) ↑"]
     assert all(re.fullmatch(r":?-{3,}:?", c) for c in _md_cells(lines[1])), lines[1]
     body = {cells[0]: dict(zip(header[1:], cells[1:])) for cells in map(_md_cells, lines[2:])}
     assert set(body) == {LITE, TINY_ROW}
     for _, r in made:
         arrow = " ↑" if r["metric"]["higher_is_better"] else " ↓"
         assert body[row_of(r)][column_of(r) + arrow] == f"{r['value']:.4f} ± {r['stderr']:.4f} (n=2)"
-    assert body[LITE]["deletion (saliency, blur:pixel) ↓"] == ""
+    assert body[LITE]["deletion steps=4 (saliency, blur:pixel) ↓"] == ""
 
 
 def test_markdown_escapes_pipes(runs, copy_of):
@@ -149,7 +163,7 @@ def test_markdown_escapes_pipes(runs, copy_of):
     data = copy.deepcopy(data)
     data["models"][0]["id"] = "a|b"
     write(copy_of / path.name, data)
-    lines = board(copy_of).rstrip("\n").splitlines()
+    lines = table_lines(board(copy_of))
     widths = {len(re.findall(r"(?<!\\)\|", line)) for line in lines}
     assert len(widths) == 1, lines  # every line has the same number of (unescaped) cell separators
 
@@ -159,7 +173,8 @@ def test_csv_parses_and_matches_the_result_files(runs):
     out, made = runs
     rows = list(csv.DictReader(io.StringIO(board(out, "--format", "csv"))))
     assert len(rows) == len(made)
-    assert list(rows[0]) == ["model", "metric", "higher_is_better", "value", "stderr", "n", "run_id"]
+    assert list(rows[0]) == ["table", "model", "metric", "higher_is_better", "value", "stderr", "n", "n_nonfinite",
+                             "verified", "superseded", "run_id", "dataset", "sample_ids_sha256", "samples_sha256"]
     by_run = {r["run_id"]: r for r in rows}
     for _, result in made:
         row = by_run[result["run_id"]]
@@ -170,7 +185,7 @@ def test_csv_parses_and_matches_the_result_files(runs):
 
 
 # -- HTML -----------------------------------------------------------------------------------------------------------
-ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "p", "table", "thead", "tbody", "tr",
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "table", "thead", "tbody", "tr",
                 "th", "td"}
 
 
@@ -214,7 +229,7 @@ def test_html_is_one_self_contained_page(runs):
     _parse_self_contained(page)
     for _, r in made:
         assert f"{r['value']:.4f} ± {r['stderr']:.4f} (n=2)" in page
-    assert "insertion (saliency, blur:pixel) ↑" in page and "deletion (saliency, blur:pixel) ↓" in page
+    assert "insertion steps=4 (saliency, blur:pixel) ↑" in page and "deletion steps=4 (saliency, blur:pixel) ↓" in page
     assert TINY_ROW in page and page.count("<tr") == 3
 
 
@@ -244,7 +259,7 @@ def test_html_escapes_every_string(runs, copy_of):
     assert "<script>alert(1)</script>" in text and "a&b [random-init]" in text
     assert any('<img src="x" onerror="alert(2)">' in t for t in text)
     # the other formats carry the strings unchanged
-    rows = {r["model"] for r in board_json(copy_of)["rows"]}
+    rows = {r["model"] for r in table_json(copy_of)["rows"]}
     assert {"<script>alert(1)</script>", "a&b [random-init]"} <= rows
 
 
@@ -281,10 +296,15 @@ def test_newer_result_for_the_same_cell_wins(runs, copy_of):
     older["provenance"]["started_at"] = "2000-01-01T00:00:00+00:00"
     write(copy_of / "aaa-newer.json", newer)  # read first
     write(copy_of / "zzz-older.json", older)  # read last
-    rows = {r["model"]: r["cells"] for r in board_json(copy_of)["rows"]}
-    assert rows[LITE][column_of(original)] == {"value": 0.123456, "stderr": 0.0125, "n": 7, "run_id": "insertion-newer"}
+    table = table_json(copy_of)
+    rows = {r["model"]: r["cells"] for r in table["rows"]}
+    cell = rows[LITE][column_of(original)]
+    assert {k: cell[k] for k in ("value", "stderr", "n", "run_id")} == {"value": 0.123456, "stderr": 0.0125, "n": 7,
+                                                                         "run_id": "insertion-newer"}
+    assert sorted(cell["superseded"]) == sorted([original["run_id"], "insertion-older"]) and table["superseded"] == 2
     assert "0.1235 ± 0.0125 (n=7)" in board(copy_of)
     assert "0.9877" not in board(copy_of)
+    assert "2 older result(s) superseded" in board(copy_of)
 
 
 def _accuracy_run_at(monkeypatch, out: Path, limit: int, instant: datetime) -> str:
@@ -309,13 +329,17 @@ def _accuracy_run_at(monkeypatch, out: Path, limit: int, instant: datetime) -> s
     0.3,
 ], ids=["seconds-apart", "same-second"])
 def test_later_run_replaces_the_cell(tmp_path, monkeypatch, gap_s):
-    """Runs with other options (here --limit) share the cell; the one started later wins, in either order."""
+    """Runs on other sample sets (here --limit) are separate tables; in the coarse `--group-by dataset` view
+    they share the cell and the one started later wins, in either order."""
     t0 = datetime(2030, 1, 1, 12, 0, 0, 100_000, tzinfo=timezone.utc)
     for first, second in ((1, 2), (2, 1)):
         out = tmp_path / f"limit{first}-then-limit{second}"
         _accuracy_run_at(monkeypatch, out, first, t0)
         later = _accuracy_run_at(monkeypatch, out, second, t0 + timedelta(seconds=gap_s))
-        cell = {r["model"]: r["cells"] for r in board_json(out)["rows"]}[TINY_ROW]["accuracy"]
+        assert len(board_json(out)["tables"]) == 2  # by default never in one cell
+        (table,) = board_json(out, "--group-by", "dataset")["tables"]
+        assert table["coarse"] is True and table["superseded"] == 1
+        cell = {r["model"]: r["cells"] for r in table["rows"]}[TINY_ROW]["accuracy"]
         assert (cell["run_id"], cell["n"]) == (later, second), f"limit {first} then limit {second}"
 
 
@@ -367,7 +391,7 @@ def test_missing_path_is_one_line(tmp_path):
 def test_samples_and_temporary_files_are_not_read(copy_of):
     (copy_of / ".half-written.json.tmp").write_text("{", encoding="utf-8")
     (copy_of / ".partial.json").write_text("{", encoding="utf-8")
-    assert len(board_json(copy_of)["rows"]) == 2
+    assert len(table_json(copy_of)["rows"]) == 2
 
 
 # -- --output -------------------------------------------------------------------------------------------------------

@@ -209,9 +209,9 @@ def test_leaderboard_abpc_is_lerf_minus_morf_with_paired_stderr(cli, tmp_path):
 
     res = cli("leaderboard", str(out), "--format", "json")
     assert res.exit_code == 0, res.stderr
-    board = json.loads(res.stdout)
-    column = "abpc (saliency, blur:patch:8)"
-    assert {"name": column, "higher_is_better": True} in board["columns"]
+    (board,) = json.loads(res.stdout)["tables"]  # one dataset and sample set: one table
+    column = "abpc steps=4 (saliency, blur:patch:8)"  # steps=4 is not the default, so the header shows it
+    assert any(c["name"] == column and c["higher_is_better"] is True for c in board["columns"])
     (row,) = board["rows"]
     assert row["model"] == "test_resnet [random-init]"
     cell = row["cells"][column]
@@ -225,7 +225,7 @@ def test_leaderboard_abpc_is_lerf_minus_morf_with_paired_stderr(cli, tmp_path):
     assert abs(unpaired - paired) > 1e-3 * max(unpaired, paired)
 
     markdown = cli("leaderboard", str(out)).stdout
-    assert "abpc (saliency, blur:patch:8) ↑" in markdown
+    assert "abpc steps=4 (saliency, blur:patch:8) ↑" in markdown
 
 
 # -- (e) the seed004 suite -----------------------------------------------------------------------------------------------------
