@@ -32,6 +32,15 @@ the default allocator) and ``torch.set_num_threads(--threads)`` (default 2).
     python benchmarks/subexplanations.py --quick                   # beam width 1, stop after 3 roots (~20 s)
     python benchmarks/subexplanations.py --speculative             # batched side: speculative pruning windows
 
+``--cost`` measures instead what one image costs with counting on (``harness run --metric
+subexplanations`` as a user runs it): per photo, the forward passes of each phase (search, pruning,
+counting) with the default I-GOS ranking and with the ranking the harness used before this release
+(``igos`` with ``baseline=blur`` and ``ranking=clamped``, which ties most cells), the subsets
+counting had to evaluate against those the MSEs have one by one, and the seconds against the bare
+forward floor (the same number of images pushed through the model in full batches, no search logic):
+
+    python benchmarks/subexplanations.py --cost --images chelsea,coffee,rocket
+
 The last line is JSON: {"ratio": ..., "batched": {"seconds", "forward_passes", "forward_calls", ...},
 "unbatched": {...}, "same_mses": true, "images": {...}, "allocator": ..., "torch": ...}.
 """
@@ -146,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="beam width 1, stop after more than 2 roots (a smoke run)")
     parser.add_argument("--speculative", action="store_true",
                         help="batched side with speculative pruning windows (fewer forward calls, more passes; for GPUs)")
+    parser.add_argument("--cost", action="store_true",
+                        help="passes and time per image with counting on: default vs the previous ranking, against the forward floor")
     parser.add_argument("--out", default="/tmp/harness-bench-subexplanations")
     args = parser.parse_args(argv)
     args.images = [x for x in args.images.split(",") if x]
@@ -159,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}; images {args.images}; "
           f"batch size {args.batch_size}; {args.rounds} round(s); load average {load1:.2f}", flush=True)
 
+    if args.cost:
+        cost(args)
+        return
     model, inputs, target, p0, rankings, baseline, granularity, metric, igos_s = prepare(args)
     n = len(inputs)
     print(f"I-GOS ranking (both sides, not in the timings): {igos_s:.2f} s", flush=True)
@@ -234,6 +248,71 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }))
+
+
+def cost(args) -> None:
+    """Passes per phase and seconds per image (counting on), default ranking vs the previous one."""
+    from harness.data import sample_seed
+    from harness.model import load_model
+    from harness.registry import get_registry
+    from harness.regions import Granularity
+    from harness.scoring import target_scores
+    from harness_plugins.attributors.igos import IGOS
+    from harness_plugins.datasets import SampleImages
+    from harness_plugins.maskers.fills import BlackFill
+    from harness_plugins.metrics.sag import ConfidenceOracle, beam_search, count_subexplanations
+    from harness_plugins.metrics.subexplanations import Subexplanations, ranking_of
+
+    model = load_model(get_registry().model_spec(args.model), batch_size=args.batch_size)
+    dataset = SampleImages()
+    by_id = {s.id: s for s in dataset.samples()}
+    metric = Subexplanations(Subexplanations.Options())
+    o = metric.options
+    report = {}
+    for name in args.images:
+        sample = by_id[name]
+        inputs = model.preprocess([dataset.load(sample)])
+        seeds = [sample_seed(0, sample.id)]
+        target = model.logits(inputs).argmax(1)
+        p0 = target_scores(model.logits(inputs), target, "softmax").tolist()
+        granularity = Granularity.parse("grid:7", inputs.shape[-2], inputs.shape[-1])
+        baseline = BlackFill().baseline(model, inputs, seeds)
+        settings = metric.settings(granularity.n_regions)
+        report[name] = {}
+        for label, igos in (("default", IGOS()), ("previous", IGOS(IGOS.Options(baseline="blur", ranking="clamped")))):
+            importance = igos.coarse(model, inputs, target, seeds).reshape(1, -1)
+            ties = 49 - len(set(importance[0].tolist()))
+            counter = Counting(model.module)
+            oracle = ConfidenceOracle(dataclasses.replace(model, module=counter), inputs, baseline, granularity, target)
+            t = time.perf_counter()
+            found = oracle.drive({0: beam_search(ranking_of(importance)[0], p0[0], settings)})
+            counted = oracle.drive({0: count_subexplanations(found[0].roots, p0[0], min(o.count_thresholds), o.exhaustive_max, o.max_subsets)})
+            seconds = time.perf_counter() - t
+            passes = dict(oracle.passes[0])
+            total = sum(passes.values())
+            with torch.inference_mode():  # the floor: the same number of images in full batches
+                block = inputs.expand(args.batch_size, -1, -1, -1).contiguous()
+                t = time.perf_counter()
+                for _ in range(-(-total // args.batch_size)):
+                    model.module(block)
+                floor = time.perf_counter() - t
+            rel = counted[0].relative
+            report[name][label] = {
+                "tied_cells": ties, "mse_sizes": [len(r) for r in found[0].roots], "passes": passes, "total_passes": total,
+                "counting_subsets": {"per_mse": counted[0].per_mse_subsets, "distinct": len(rel), "evaluated": passes.get("counting", 0)},
+                "counts": {f"{th:g}": sum(v >= th for v in rel.values()) for th in o.count_thresholds},
+                "seconds": round(seconds, 2), "floor_seconds": round(floor, 2), "over_floor": round(seconds / max(floor, 1e-9), 2),
+            }
+            r = report[name][label]
+            print(f"{name} [{label} ranking, {ties} tied cells]: MSE sizes {r['mse_sizes']}; passes {passes} = {total}; "
+                  f"counting subsets per MSE {r['counting_subsets']['per_mse']}, distinct {len(rel)}, evaluated "
+                  f"{r['counting_subsets']['evaluated']}; {seconds:.1f} s vs forward floor {floor:.1f} s "
+                  f"({r['over_floor']:.2f}x); counts {r['counts']}", flush=True)
+    totals = {label: sum(report[n][label]["total_passes"] for n in report) / len(report) for label in ("default", "previous")}
+    seconds = sum(report[n]["default"]["seconds"] for n in report) / len(report)
+    print(json.dumps({"cost": report, "mean_passes_per_image": totals, "seconds_per_image": round(seconds, 2),
+                      "images_per_hour_cpu": round(3600 / seconds, 1), "batch_size": args.batch_size, "model": args.model,
+                      "allocator": "tuned" if TUNED else "default", "threads": torch.get_num_threads(), "torch": torch.__version__}))
 
 
 if __name__ == "__main__":

@@ -305,38 +305,44 @@ class SubexplanationCount:
 
     relative: dict[PatchSet, float]
     truncated: bool = False
+    per_mse_subsets: int = 0
+    """Subsets the MSEs have one by one (what counting each MSE on its own would evaluate)."""
 
 
 def count_subexplanations(mses: list[PatchSet], p0: float, lowest: float, exhaustive_max: int, max_nodes: int) -> Search:
-    """Evaluate the proper non-empty subsets of each MSE.
+    """Evaluate the proper non-empty subsets of each MSE, all MSEs of an image together.
 
     MSEs of at most ``exhaustive_max`` patches: every proper subset. Larger ones: the patch deletion
     tree — children remove one patch, and a node is expanded while its relative confidence is at
-    least ``lowest``. At most ``max_nodes`` subsets per image (then ``truncated``).
+    least ``lowest``. A subset shared by several MSEs, or already evaluated by the search, costs no
+    forward pass (the oracle's cache); at most ``max_nodes`` subsets per image (then ``truncated``).
+    All exhaustive subsets go out in one query and the trees advance one level per query, so the
+    forward passes are as full as the batch size allows.
     """
     relative: dict[PatchSet, float] = {}
     truncated = False
-    for mse in mses:
-        if len(mse) <= exhaustive_max:
-            subsets = [c for k in range(1, len(mse)) for c in combinations(mse, k) if c not in relative]
-            if len(relative) + len(subsets) > max_nodes:
-                subsets, truncated = subsets[: max(0, max_nodes - len(relative))], True
-            if subsets:
-                conf = yield ("counting", subsets)
-                relative.update({k: v / p0 for k, v in conf.items()})
-            continue
-        level = [mse]
-        while level:
-            children = list(dict.fromkeys(
-                tuple(p for p in node if p != patch) for node in level for patch in node if len(node) > 1
-            ))
-            fresh = [c for c in children if c not in relative]
-            if len(relative) + len(fresh) > max_nodes:
-                fresh, truncated = fresh[: max(0, max_nodes - len(relative))], True
-            if fresh:
-                conf = yield ("counting", fresh)
-                relative.update({k: v / p0 for k, v in conf.items()})
-            level = [c for c in children if c in relative and relative[c] >= lowest]
-            if truncated:
-                break
-    return SubexplanationCount(relative=relative, truncated=truncated)
+    small = [m for m in mses if len(m) <= exhaustive_max]
+    large = [m for m in mses if len(m) > exhaustive_max]
+    per_mse = sum(2 ** len(m) - 2 for m in small if m)
+
+    def ask(sets: list[PatchSet]) -> list[PatchSet]:
+        nonlocal truncated
+        fresh = [c for c in dict.fromkeys(sets) if c not in relative]
+        if len(relative) + len(fresh) > max_nodes:
+            fresh, truncated = fresh[: max(0, max_nodes - len(relative))], True
+        return fresh
+
+    subsets = ask([c for m in small for k in range(1, len(m)) for c in combinations(m, k)])
+    if subsets:
+        conf = yield ("counting", subsets)
+        relative.update({k: v / p0 for k, v in conf.items()})
+    level = list(dict.fromkeys(large))
+    while level and not truncated:
+        children = [tuple(p for p in node if p != patch) for node in level for patch in node if len(node) > 1]
+        per_mse += len(children)
+        fresh = ask(children)
+        if fresh:
+            conf = yield ("counting", fresh)
+            relative.update({k: v / p0 for k, v in conf.items()})
+        level = [c for c in dict.fromkeys(children) if c in relative and relative[c] >= lowest]
+    return SubexplanationCount(relative=relative, truncated=truncated, per_mse_subsets=per_mse)

@@ -41,8 +41,10 @@ class SubexplanationOptions(Options):
     """Relative confidences at which sub-explanations are counted."""
     headline_threshold: float = 0.5
     """The result's value is the mean count of sub-explanations at this relative confidence."""
-    exhaustive_max: int = Field(12, ge=1)
-    """MSEs with at most this many patches have all proper subsets evaluated; larger ones use the deletion tree."""
+    exhaustive_max: int = Field(12, ge=0)
+    """MSEs with at most this many patches have all proper subsets evaluated; larger ones use the deletion
+    tree (0: the tree for every MSE, SAG's patch-deletion tree; far fewer passes, but it counts only
+    subsets reachable through one-patch deletions that keep the lowest threshold)."""
     max_subsets: int = Field(20000, ge=1)
     """Safety cap on evaluated subsets per image (a truncated count is flagged)."""
     count: bool = True
@@ -157,6 +159,11 @@ class Subexplanations(Metric):
                 rel = counted[i].relative
                 values["counts"] = {f"{t:g}": sum(v >= t for v in rel.values()) for t in o.count_thresholds}
                 values["truncated"] = counted[i].truncated
+                values["subsets"] = {
+                    "distinct": len(rel),
+                    "per_mse": counted[i].per_mse_subsets,
+                    "evaluated": oracle.passes[i].get("counting", 0),
+                }
                 values["tree"] = [_tree(root, rel, p0[i], oracle.cache[i][root]) for root in result.roots[:3]]
             records.append({"prediction": int(clean_logits[i].argmax()), "values": values})
             ctx.keep_visual(
