@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from harness.batching import map_in_chunks
-from harness.components import ModelSpec
+from harness.components import ModelSpec, Options
 from harness.weights import load_checked, read_state_dict, state_dict_sha256
+
+
+class ModelOptions(Options):
+    """Options of the run's models (``-o model.NAME=VALUE``), applied to every model of the run."""
+
+    resize: Literal["timm", "opencv_linear"] = "timm"
+    """timm: the model's own data config (resize, centre crop, PIL interpolation with antialiasing).
+    opencv_linear: ``cv2.resize(img, input_size)`` bit for bit (a squash resize without antialiasing,
+    OpenCV's fixed-point INTER_LINEAR), as the published SAG / I-GOS code prepares its inputs."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from harness.components import Component
 from harness.errors import HarnessError
 
-OPTION_TARGETS = ("metric", "attributor", "masker", "dataset")
+OPTION_TARGETS = ("metric", "attributor", "masker", "dataset", "model")
 
 
 def parse_value(text: str) -> Any:
@@ -24,7 +24,7 @@ def parse_value(text: str) -> Any:
 def parse_options(pairs: list[str], fields: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
     """Route ``KEY=VALUE`` pairs to components.
 
-    ``KEY`` is ``target.name`` (target one of metric, attributor, masker, dataset) or a bare ``name``
+    ``KEY`` is ``target.name`` (target one of metric, attributor, masker, dataset, model) or a bare ``name``
     that exactly one component of the run has (``fields`` maps target to its option names).
     """
     routed: dict[str, dict[str, Any]] = {t: {} for t in OPTION_TARGETS}
