@@ -9,10 +9,12 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Sequence, Union, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -23,9 +25,49 @@ if TYPE_CHECKING:
 
 
 class Options(BaseModel):
-    """Base of every component's options: frozen, and unknown fields are errors."""
+    """Base of every component's options: frozen, unknown fields are errors, and a boolean or a string
+    is never taken for a number (``-o metric.steps=true`` is an error, not ``steps=1``); an integer
+    is still accepted where a float is expected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion_to_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field_info = cls.model_fields.get(info.field_name or "")
+        if field_info is not None:
+            problem = _number_coercion(value, field_info.annotation)
+            if problem:
+                raise PydanticCustomError("number_type", problem)
+        return value
+
+
+_NUMBERS = (int, float)
+
+
+def _number_coercion(value: Any, annotation: Any) -> str | None:
+    """Why ``value`` may only reach a field of type ``annotation`` by a bool/str -> number coercion."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _number_coercion(value, args[0])
+    if origin in (Union, UnionType):
+        branches = [a for a in args if a is not type(None)] if value is not None else list(args)
+        problems = [_number_coercion(value, a) for a in branches]
+        return None if any(p is None for p in problems) else problems[0]
+    if origin in (list, tuple, set, frozenset) and isinstance(value, (list, tuple)):
+        if not args:
+            return None
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            pairs = zip(value, args)
+        else:
+            pairs = ((v, args[0]) for v in value)
+        return next((p for p in (_number_coercion(v, a) for v, a in pairs) if p), None)
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return next((p for p in (_number_coercion(v, args[1]) for v in value.values()) if p), None)
+    if annotation in _NUMBERS and isinstance(value, (bool, str)):
+        wanted = "an integer" if annotation is int else "a number"
+        return f"expected {wanted}, not a {'boolean' if isinstance(value, bool) else 'string'}"
+    return None
 
 
 class Component:

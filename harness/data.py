@@ -40,13 +40,44 @@ def load_rgb(path: str | Path) -> "Image.Image":
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise UnreadableImage(f"unreadable image {path}: {' '.join(str(exc).split())[:200]}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UnreadableImage(f"unreadable image {printable(str(path))}: {reason}") from None
+    except Exception as exc:  # a decoder choking on hostile bytes (struct.error, IndexError, ...)
+        raise UnreadableImage(f"unreadable image {printable(str(path))}: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def printable(text: str) -> str:
+    """``text`` with bytes that are not valid UTF-8 (surrogate escapes) shown as ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def valid_names(samples: list[Sample], stop: bool) -> list[Sample]:
+    """``samples`` without those whose id or path is not valid UTF-8 (a file name with undecodable
+    bytes): each is skipped with one warning, or, with ``stop``, the run stops with one line."""
+    from harness.progress import warn
+
+    kept = []
+    for sample in samples:
+        try:
+            sample.id.encode("utf-8")
+            sample.path.encode("utf-8")
+        except UnicodeEncodeError:
+            message = f"file name is not valid UTF-8: {printable(sample.path)}"
+            if stop:
+                raise UnreadableImage(message) from None
+            warn(f"skipping sample {printable(sample.id)}: {message}")
+            continue
+        kept.append(sample)
+    return kept
 
 
 def sample_ids_sha256(samples: list[Sample]) -> str:
     """Digest of the ordered sample ids (recorded in results and part of the run id)."""
-    return hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
+    return hashlib.sha256("\n".join(s.id for s in samples).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def image_files(root: Path) -> list[Path]:

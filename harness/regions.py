@@ -38,6 +38,12 @@ class Granularity:
         size = int(match.group(2) or match.group(3) or 1)
         if size < 1 or (kind == "grid" and size < 2):
             raise HarnessError(f"granularity {text!r}: the size must be at least {2 if kind == 'grid' else 1}")
+        if kind != "pixel" and size > min(height, width):
+            what = "a patch" if kind == "patch" else "a grid"
+            raise HarnessError(
+                f"granularity {text!r}: {what} of {size} is larger than the {height}x{width} model input; "
+                f"use at most {min(height, width)}"
+            )
         return cls(kind, size, height, width)
 
     @property

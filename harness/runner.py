@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import re
 import sys
@@ -17,11 +18,13 @@ import torch
 
 from harness import __version__
 from harness.components import Attributor, Dataset, Masker, Metric, Summary
-from harness.data import Batch, Sample, UnreadableImage, sample_ids_sha256, sample_seed
+from harness.data import Batch, Sample, UnreadableImage, printable, sample_ids_sha256, sample_seed, valid_names
 from harness.errors import HarnessError
+from harness.identity import FileDigest, SampleDigests, combined_sha256, digest_cache, digest_samples, identity_sha256
 from harness.model import LoadedModel, load_model, resolve_device
 from harness.options import build_component, parse_options
 from harness.progress import progress, warn
+from harness.records import Stamp, explain_fresh_start, in_sample_order, make_line, read_lines
 from harness.registry import Registry, get_registry
 from harness.results import SCHEMA_VERSION, Result, SamplesFile, write_result
 from harness.visuals import VISUAL_SAMPLES
@@ -50,6 +53,11 @@ class RunConfig:
     argv: list[str] = field(default_factory=list)
     cache: bool = True
     cache_dir: Path | None = None
+    in_suite: bool = False  # --weights ID=PATH may then name models of other entries
+
+
+SEED_MAX = 2**63 - 1
+"""--seed is 0 ... 2**63 - 1: what torch, numpy and Python's random all take."""
 
 
 @dataclass
@@ -97,21 +105,25 @@ class ResolvedRun:
     samples: list[Sample]
     run_id: str
     identity: dict[str, Any]
+    stamp: Stamp  # what each samples-file line carries to prove it belongs to this run
+    digests: SampleDigests
+    weights_files: list[FileDigest | None]
 
 
 def weights_for(config: RunConfig) -> list[str | None]:
     """One weights file (or None: the default weights) per model of ``config``.
 
     ``--weights`` is either one PATH per ``--model`` in order, or ``ID=PATH`` entries naming the
-    models they are for (models without one use their default weights; in suites, entries for models
-    that are not in a run are ignored there).
+    models they are for (models without one use their default weights). An ID that is no model of
+    the run is an error, except in suites, where it must name a model of some entry.
     """
     entries = list(config.weights)
     if not entries:
         return [None] * len(config.models)
-    keyed = [e.partition("=") for e in entries]
-    if all(sep and key and not Path(e).exists() for e, (key, sep, _) in zip(entries, keyed)):
-        mapping = {key: path for key, _, path in keyed}
+    mapping = weight_ids(entries)
+    if mapping is not None:
+        if not config.in_suite:
+            check_weight_ids(mapping, config.models)
         return [mapping.get(m) for m in config.models]
     if len(entries) != len(config.models):
         raise HarnessError(
@@ -121,9 +133,33 @@ def weights_for(config: RunConfig) -> list[str | None]:
     return entries  # type: ignore[return-value]
 
 
+def weight_ids(entries: list[str]) -> dict[str, str] | None:
+    """``ID=PATH`` entries as {id: path}; None when they are plain paths."""
+    keyed = [e.partition("=") for e in entries]
+    if not all(sep and key and not Path(e).exists() for e, (key, sep, _) in zip(entries, keyed)):
+        return None
+    mapping: dict[str, str] = {}
+    for key, _, path in keyed:
+        if key in mapping and mapping[key] != path:
+            raise HarnessError(f"--weights names {key!r} twice ({mapping[key]} and {path})")
+        mapping[key] = path
+    return mapping
+
+
+def check_weight_ids(mapping: dict[str, str], models: list[str], where: str = "this run") -> None:
+    """Every ``--weights ID=PATH`` must name one of ``models``."""
+    for key in mapping:
+        if key not in models:
+            raise HarnessError(
+                f"--weights {key}=...: {key!r} is not a model of {where} (models: {', '.join(dict.fromkeys(models))})"
+            )
+
+
 def parse_data(spec: str) -> tuple[str, str | None]:
     """``samples`` / ``imagenet:PATH`` / ``folder:PATH`` -> (dataset id, path or None)."""
     name, sep, path = spec.partition(":")
+    if sep and not path.strip():
+        raise HarnessError(f"--data {spec!r}: the path after ':' is empty; e.g. --data {name}:PATH")
     return name, (path if sep else None)
 
 
@@ -149,6 +185,10 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
         raise HarnessError(f"--limit must be at least 1, got {config.limit}")
     if config.batch_size < 1:
         raise HarnessError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if not 0 <= config.seed <= SEED_MAX:
+        raise HarnessError(f"--seed must be between 0 and 2**63-1 ({SEED_MAX}), got {config.seed}")
+    if config.weights and config.random_init:
+        raise HarnessError("--weights and --random-init exclude each other")
     per_model_weights = weights_for(config)
 
     classes: dict[str, Any] = {"metric": metric_cls}
@@ -178,20 +218,13 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
         raise HarnessError(f"dataset {config.data!r} has no images")
     if config.limit is not None:
         samples = samples[: config.limit]
+    samples = valid_names(samples, stop=config.on_bad_image == "stop")
 
-    weights = [str(Path(w).resolve()) if w else None for w in per_model_weights]
-    identity = {
-        "schema_version": SCHEMA_VERSION,
-        "models": [
-            {"id": m, "weights": w, "random_init": config.random_init} for m, w in zip(config.models, weights)
-        ],
-        "metric": _component_entry(built["metric"]),
-        "attributor": _component_entry(built.get("attributor")),
-        "masker": _component_entry(built.get("masker")),
-        "dataset": {"id": config.data, "sample_ids_sha256": sample_ids_sha256(samples)},
-        "seed": config.seed,
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    cache = digest_cache(config.cache_dir)
+    weights_files = [_weights_digest(w, cache) if w else None for w in per_model_weights]
+    digests = digest_samples(samples, cache)
+    identity = _identity(config, data_id, built, samples, weights_files, digests)
+    full = identity_sha256(identity)
     readable = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{config.metric}-{'+'.join(config.models)}")[:80]
     return ResolvedRun(
         config=config,
@@ -200,23 +233,81 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
         masker=built.get("masker"),  # type: ignore[arg-type]
         dataset=dataset,
         samples=samples,
-        run_id=f"{readable}-{digest}",
+        run_id=f"{readable}-{full[:12]}",
         identity=identity,
+        stamp=Stamp(run_sha256=full, weights_sha256=[f.sha256 if f else None for f in weights_files], samples=digests.sha256),
+        digests=digests,
+        weights_files=weights_files,
     )
 
 
+def _identity(
+    config: RunConfig, data_id: str, built: dict[str, Any], samples: list[Sample],
+    weights_files: list[FileDigest | None], digests: SampleDigests,
+) -> dict[str, Any]:
+    """What determines a run's numbers (the run id hashes it): models with their weights' content
+    digest, components with versions and options, the dataset kind and options (not its path), the
+    ordered sample ids and their content digests, and the seed."""
+    dataset_options = {k: v for k, v in built["dataset"].options.model_dump(mode="json").items() if k != "path"}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "models": [
+            {"id": m, "weights_sha256": f.sha256 if f else None, "random_init": config.random_init}
+            for m, f in zip(config.models, weights_files)
+        ],
+        "metric": _component_entry(built["metric"]),
+        "attributor": _component_entry(built.get("attributor")),
+        "masker": _component_entry(built.get("masker")),
+        "dataset": {
+            "id": data_id,
+            "options": dataset_options,
+            "sample_ids_sha256": sample_ids_sha256(samples),
+            "samples_sha256": combined_sha256(digests.sha256[s.id] for s in samples),
+        },
+        "seed": config.seed,
+    }
+
+
+def _weights_digest(path: str, cache: Any) -> FileDigest:
+    """The sha256 of a ``--weights`` file (its content, not its name, is part of the run id)."""
+    if not Path(path).is_file():
+        raise HarnessError(f"weights file not found: {path}")
+    try:
+        return cache.digest(path)
+    except OSError as exc:
+        raise HarnessError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+
+
 def _load_images(run: ResolvedRun, samples: list[Sample]) -> tuple[list[Sample], list[Any]]:
+    """The images of ``samples``; an unreadable one (or one whose file changed since it was hashed)
+    is skipped with one warning, or stops the run with ``--on-bad-image stop``."""
     kept, images = [], []
     for sample in samples:
         try:
-            images.append(run.dataset.load(sample))
+            image = run.dataset.load(sample)
+            if not run.digests.unchanged(sample.id):
+                raise UnreadableImage(f"{printable(sample.path)} changed after the run started (its content is part of the run id)")
         except UnreadableImage as exc:
             if run.config.on_bad_image == "stop":
                 raise
-            warn(f"skipping sample {sample.id}: {exc}")
+            warn(f"skipping sample {printable(sample.id)}: {exc}")
             continue
+        images.append(image)
         kept.append(sample)
     return kept, images
+
+
+def replay_config(run: ResolvedRun) -> dict[str, Any]:
+    """What ``harness verify`` needs to run this configuration again (``provenance.run_config``)."""
+    c = run.config
+    name, path = parse_data(c.data)
+    return {
+        "models": list(c.models), "metric": c.metric, "attributor": c.attributor, "masker": c.masker,
+        "data": c.data if path is None else f"{name}:{Path(path).expanduser().resolve()}",
+        "options": list(c.options), "limit": c.limit, "seed": c.seed, "batch_size": c.batch_size,
+        "weights": [f.path if f else None for f in run.weights_files], "random_init": c.random_init,
+        "on_bad_image": c.on_bad_image,
+    }
 
 
 def _provenance(config: RunConfig, device: torch.device, reg: Registry, started: float, started_at: str) -> dict[str, Any]:
@@ -238,37 +329,50 @@ def _provenance(config: RunConfig, device: torch.device, reg: Registry, started:
     }
 
 
-def execute(run: ResolvedRun, registry: Registry | None = None) -> Path | None:
-    """Evaluate ``run`` (resuming if asked), write its samples and result files, return the result path.
+@dataclass
+class Session:
+    """A run being evaluated: its models and context, and the samples files it writes."""
 
-    Under torchrun every rank evaluates its share of the samples; rank 0 merges and returns the
-    result path, the other ranks return None.
-    """
-    from harness import distributed
-    from harness.allocator import tune_allocator
+    run: ResolvedRun
+    world: Any
+    device: torch.device
+    models: list[LoadedModel]
+    ctx: MetricContext
+    cache: Any  # AttributionCache | None
+    samples_file: SamplesFile
+    own_file: SamplesFile  # this rank's file (the samples file itself outside torchrun)
 
-    tune_allocator()
-    reg = registry or get_registry()
+
+def check_outputs(config: RunConfig, needs_cache: bool) -> None:
+    """The output folder (and the attribution cache folder, when used) must be writable: checked
+    before any model loads, so a wrong ``--out`` costs nothing."""
+    from harness.cache import default_cache_dir
+    from harness.outputs import check_writable
+
+    check_writable(Path(config.out), "output folder (--out)")
+    if needs_cache:
+        check_writable(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), "attribution cache folder (--cache)")
+
+
+def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.device) -> Session:
+    """Load the models, wrap the attributor in the cache, and name the samples files."""
     config = run.config
-    started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    world = distributed.current()
-    device = distributed.device_for(world, resolve_device(config.device))
-    distributed.start(world, device)
     torch.manual_seed(config.seed)
-    weights = weights_for(config)
     models = [
         load_model(
             reg.model_spec(model_id),
-            weights=w,
+            weights=w.path if w else None,
             random_init=config.random_init,
             device=device,
             seed=config.seed,
             batch_size=config.batch_size,
         )
-        for model_id, w in zip(config.models, weights)
+        for model_id, w in zip(config.models, run.weights_files)
     ]
+    for w in run.weights_files:
+        if w is not None and not w.unchanged():
+            raise HarnessError(f"weights file {w.path} changed while the run started (its content is part of the run id); run again")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     attributor, cache = run.attributor, None
     if attributor is not None and config.cache:
         from harness.cache import AttributionCache, CachedAttributor, default_cache_dir
@@ -288,13 +392,26 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path | None:
     )
     samples_file = SamplesFile(out / f"{run.run_id}.samples.jsonl")
     own_file = rank_file(out, run.run_id, world) if world.distributed else samples_file
+    return Session(run, world, device, models, ctx, cache, samples_file, own_file)
+
+
+def evaluate_pending(session: Session) -> None:
+    """Evaluate this rank's samples that the samples file lacks (all of them without ``--resume``),
+    appending one line per sample after every batch."""
+    from harness import distributed
+
+    run, world, config = session.run, session.world, session.run.config
     if config.resume:
-        done = {r["sample_id"] for r in samples_file.read(repair=world.is_main)}
-        done |= {r["sample_id"] for r in own_file.read(repair=True)}
+        if world.is_main and not session.samples_file.path.exists():
+            note = explain_fresh_start(Path(config.out), run.run_id, run.stamp)
+            if note:
+                warn(note)
+        done = {r["sample_id"] for r in read_lines(session.samples_file.path, run.stamp, repair=world.is_main)}
+        done |= {r["sample_id"] for r in read_lines(session.own_file.path, run.stamp, repair=True)}
     else:
         if world.is_main:
-            samples_file.reset()
-        own_file.reset()
+            session.samples_file.reset()
+        session.own_file.reset()
         done = set()
     distributed.barrier(world)
     mine = run.samples[world.rank :: world.size]
@@ -306,35 +423,88 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path | None:
         kept, images = _load_images(run, todo[start : start + images_per_batch])
         if kept:
             batch = Batch(samples=kept, images=images, seeds=[sample_seed(config.seed, s.id) for s in kept])
-            records = run.metric.evaluate(batch, ctx)
+            records = run.metric.evaluate(batch, session.ctx)
             if len(records) != len(kept):
                 raise RuntimeError(f"metric {run.metric.id} returned {len(records)} records for {len(kept)} samples")
-            own_file.append(
-                [
-                    {"sample_id": s.id, "label": s.label, "prediction": r.get("prediction"), "values": r.get("values", {})}
-                    for s, r in zip(kept, records)
-                ]
-            )
+            session.own_file.append([make_line(s, r, run.stamp) for s, r in zip(kept, records)])
         bar.update(min(images_per_batch, len(todo) - start))
     bar.close()
-    distributed.barrier(world)
-    if not world.is_main:
-        distributed.stop(world)
-        return None
-    if world.distributed:
-        merge_rank_files(samples_file, [rank_file(out, run.run_id, distributed.World(r, world.size)) for r in range(world.size)], run.samples)
-    distributed.stop(world)
 
+
+def execute(run: ResolvedRun, registry: Registry | None = None) -> Path | None:
+    """Evaluate ``run`` (resuming if asked), write its samples and result files, return the result path.
+
+    Output folders are checked and the run id locked before any model loads. Under torchrun every
+    rank evaluates its share of the samples; rank 0 merges and returns the result path, the other
+    ranks return None.
+    """
+    from harness import distributed
+    from harness.allocator import tune_allocator
+    from harness.locking import RunLock
+    from harness.outputs import disk_full_is_one_line, remove_stale_temp_files
+
+    tune_allocator()
+    reg = registry or get_registry()
+    config = run.config
+    started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    world = distributed.current()
+    device = distributed.device_for(world, resolve_device(config.device))
+    check_outputs(config, needs_cache=run.attributor is not None and config.cache)
+    lock = RunLock(Path(config.out), run.run_id)
+    if world.is_main:
+        lock.acquire()
+        remove_stale_temp_files(Path(config.out), run.run_id)
+    try:
+        with disk_full_is_one_line():
+            distributed.start(world, device)
+            session = open_session(run, reg, world, device)
+            evaluate_pending(session)
+            distributed.barrier(world)
+            if not world.is_main:
+                distributed.stop(world)
+                return None
+            if world.distributed:
+                parts = [rank_file(Path(config.out), run.run_id, distributed.World(r, world.size)) for r in range(world.size)]
+                merge_rank_files(session.samples_file, parts, run.samples, run.stamp)
+            distributed.stop(world)
+            return finish(session, reg, started, started_at)
+    finally:
+        lock.release()
+
+
+def finish(session: Session, reg: Registry, started: float, started_at: str) -> Path:
+    """Summarise the samples file into the result file.
+
+    Samples with a non-finite per-sample value are left out of the summary and counted in
+    ``values["n_nonfinite"]``; when none is left, or the summary itself is not a finite number, the
+    run is recorded with status "error" and stops with one line.
+    """
+    run, config = session.run, session.run.config
     order = {s.id: i for i, s in enumerate(run.samples)}
-    unique = {r["sample_id"]: r for r in samples_file.read() if r["sample_id"] in order}
-    records = sorted(unique.values(), key=lambda r: order[r["sample_id"]])
+    written = read_lines(session.samples_file.path, run.stamp)
+    records = in_sample_order(written, order)
+    if records != written:  # resumed out of order: leave the file as an uninterrupted run writes it
+        from harness.results import atomic_write_text
+
+        atomic_write_text(session.samples_file.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     if not records:
         raise HarnessError("no sample could be evaluated (every image was unreadable)")
-    summary: Summary = run.metric.summarize(records, ctx)
+    finite = [r for r in records if "nonfinite" not in r]
+    n_nonfinite = len(records) - len(finite)
+    if not finite:
+        first = records[0]
+        key, what = next(iter(first["nonfinite"].items()))
+        _fail(run, f"every sample ({len(records)}) gave a non-finite value (e.g. {first['sample_id']}: {key} is {what})")
+    summary: Summary = run.metric.summarize(finite, session.ctx)
+    if summary.value is None or not math.isfinite(summary.value):
+        _fail(run, f"metric {run.metric.id} summarised {len(finite)} sample(s) to {summary.value}, not a finite number")
+    if n_nonfinite:
+        warn(f"{n_nonfinite} sample(s) gave non-finite values and are left out of the mean "
+             f"(\"nonfinite\" in {session.samples_file.path.name})")
     result = Result(
         schema_version=SCHEMA_VERSION,
         run_id=run.run_id,
-        models=[m.provenance() for m in models],
+        models=[m.provenance() for m in session.models],
         metric={
             "id": run.metric.id,
             "version": run.metric.version,
@@ -343,20 +513,35 @@ def execute(run: ResolvedRun, registry: Registry | None = None) -> Path | None:
         },
         attributor=_component_entry(run.attributor),
         masker=_component_entry(run.masker),
-        dataset={"id": config.data, "n_samples": len(records), "sample_ids_sha256": sample_ids_sha256(run.samples)},
+        dataset={
+            "id": config.data,
+            "n_samples": len(finite),
+            "sample_ids_sha256": sample_ids_sha256(run.samples),
+            "samples_sha256": run.identity["dataset"]["samples_sha256"],
+            "options": run.identity["dataset"]["options"],
+        },
         value=summary.value,
         stderr=summary.stderr,
-        values=summary.values,
+        values={**summary.values, "n_nonfinite": n_nonfinite},
         artifacts=summary.artifacts,
         provenance={
-            **_provenance(config, device, reg, started, started_at),
-            "attribution_cache": None if cache is None else {
-                "path": str(cache.root), "hits": cache.stats.hits, "misses": cache.stats.misses,
+            **_provenance(config, session.device, reg, started, started_at),
+            "attribution_cache": None if session.cache is None else {
+                "path": str(session.cache.root), "hits": session.cache.stats.hits, "misses": session.cache.stats.misses,
             },
+            "weights_files_sha256": run.stamp.weights_sha256,
+            "run_sha256": run.stamp.run_sha256,
+            "run_config": replay_config(run),
         },
         status="ok",
     )
-    return write_result(result, out)
+    return write_result(result, Path(config.out))
+
+
+def _fail(run: ResolvedRun, reason: str) -> None:
+    """Record ``run`` as failed (status "error") and stop with one line."""
+    path = write_error_result(run.config, reason, run)
+    raise HarnessError(f"{reason}; recorded with status error in {path}")
 
 
 def run(config: RunConfig, registry: Registry | None = None) -> Path | None:
@@ -369,18 +554,14 @@ def rank_file(out: Path, run_id: str, world: Any) -> SamplesFile:
     return SamplesFile(out / f"{run_id}.samples.rank{world.rank}-of-{world.size}.jsonl")
 
 
-def merge_rank_files(target: SamplesFile, parts: list[SamplesFile], samples: list[Sample]) -> None:
+def merge_rank_files(target: SamplesFile, parts: list[SamplesFile], samples: list[Sample], stamp: Stamp | None = None) -> None:
     """Merge ``target``'s records and the ranks' into ``target`` (sample order, no duplicates), then
     delete the rank files. The merged file is written atomically before any rank file is removed."""
     from harness.results import atomic_write_text
 
     order = {s.id: i for i, s in enumerate(samples)}
-    merged: dict[str, dict[str, Any]] = {}
-    for part in [target, *parts]:
-        for record in part.read():
-            merged.setdefault(record["sample_id"], record)
-    lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in sorted(merged.values(), key=lambda r: order.get(r["sample_id"], len(order)))]
-    atomic_write_text(target.path, "".join(lines))
+    merged = in_sample_order([r for part in [target, *parts] for r in read_lines(part.path, stamp)], order)
+    atomic_write_text(target.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in merged))
     for part in parts:
         part.path.unlink(missing_ok=True)
 
@@ -412,7 +593,8 @@ def write_error_result(config: RunConfig, message: str, run: ResolvedRun | None 
         },
         attributor=_component_entry(run.attributor) if run is not None else None,
         masker=_component_entry(run.masker) if run is not None else None,
-        dataset={"id": config.data, "n_samples": 0, "sample_ids_sha256": identity.get("dataset", {}).get("sample_ids_sha256", "") if run else ""},
+        dataset={"id": config.data, "n_samples": 0,
+                 **({k: identity["dataset"][k] for k in ("sample_ids_sha256", "samples_sha256")} if run else {"sample_ids_sha256": ""})},
         value=None,
         stderr=None,
         values={},

@@ -9,8 +9,12 @@ import torch
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and standard error of the mean (sample std / sqrt(n)); stderr is None for n < 2."""
-    xs = [float(v) for v in values]
+    """Mean and standard error of the mean (sample std / sqrt(n)); stderr is None for n < 2.
+
+    Values that are None (a NaN or infinity read back from a samples file), NaN or infinite are left
+    out; with none left the mean is NaN.
+    """
+    xs = [x for x in (float(v) for v in values if v is not None) if math.isfinite(x)]
     if not xs:
         return math.nan, None
     mean = math.fsum(xs) / len(xs)

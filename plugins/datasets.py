@@ -52,6 +52,8 @@ class PathOptions(Options):
 
 
 def _root(path: str, dataset: str) -> Path:
+    if not path.strip():
+        raise HarnessError(f"{dataset}: give the folder, e.g. --data {dataset}:PATH (the path is empty)")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise HarnessError(f"{dataset}: {root} is not a folder")

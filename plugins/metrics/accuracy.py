@@ -15,6 +15,7 @@ class Accuracy(Metric):
     id: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     citation: ClassVar[str] = "Russakovsky et al., ImageNet Large Scale Visual Recognition Challenge, IJCV 2015"
+    batch_keys: ClassVar[tuple[str, ...]] = ()  # every value is per sample (`harness verify` compares them all)
 
     def evaluate(self, batch, ctx) -> list[dict[str, Any]]:
         probs = ctx.model.probs(batch.inputs(ctx.model))

@@ -32,6 +32,12 @@ def choose_targets(clean_logits: torch.Tensor, labels: list[int | None], how: st
     return predicted
 
 
+def curve_tensor(records: list[dict[str, Any]]) -> torch.Tensor:
+    """(N, S+1) curves of ``records``; a null point (a non-finite score in the samples file) is NaN."""
+    nan = float("nan")
+    return torch.tensor([[nan if v is None else v for v in r["values"]["curve"]] for r in records], dtype=torch.float64)
+
+
 class CurveMetric(Metric):
     """Shared engine: rank regions by the attribution, move them in order, score every step."""
 
@@ -42,6 +48,7 @@ class CurveMetric(Metric):
     default_pixel_steps: ClassVar[int] = 50
     mode: ClassVar[Literal["insert", "remove"]]
     order: ClassVar[Literal["most", "least"]] = "most"
+    batch_keys: ClassVar[tuple[str, ...]] = ()  # every value is per sample (`harness verify` compares them all)
     Options = SweepOptions
 
     def granularity(self, ctx, height: int, width: int) -> Granularity:
@@ -89,14 +96,14 @@ class CurveMetric(Metric):
     def summarize(self, records, ctx) -> Summary:
         aucs = [r["values"]["auc"] for r in records]
         value, stderr = mean_stderr(aucs)
-        curves = torch.tensor([r["values"]["curve"] for r in records], dtype=torch.float64)
+        curves = curve_tensor(records)
         _, _, height, width = (1, *ctx.model.input_size)
         granularity = self.granularity(ctx, height, width)
         return Summary(
             value=value,
             stderr=stderr,
             values={
-                "mean_curve": curves.mean(0).tolist(),
+                "mean_curve": curves.nanmean(0).tolist(),
                 "granularity": granularity.label,
                 "steps": curves.shape[1] - 1,
             },
@@ -110,9 +117,9 @@ class CurveMetric(Metric):
         written = {}
         folder = Path(out_dir) / result.run_id
         label = self.id if result.attributor is None else f"{self.id} ({result.attributor.id})"
-        curves = torch.tensor([r["values"]["curve"] for r in records], dtype=torch.float64)
-        lines = {"mean": curves.mean(0).tolist()}
-        lines.update({r["sample_id"]: r["values"]["curve"] for r in records[:4]})
+        curves = curve_tensor(records)
+        lines = {"mean": curves.nanmean(0).tolist()}
+        lines.update({r["sample_id"]: curves[i].tolist() for i, r in enumerate(records[:4])})
         action = "inserted" if self.mode == "insert" else "removed"
         plot_curves(folder / "curve.png", lines, title=f"{label}: mean AUC {result.value:.3f}",
                     xlabel=f"fraction of regions {action}", ylabel=f"{self.options.score} of target")
