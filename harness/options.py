@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from harness.components import Component
+from harness.components import Component, Options
 from harness.errors import HarnessError
 
 OPTION_TARGETS = ("metric", "attributor", "masker", "dataset", "model")
@@ -51,19 +51,23 @@ def parse_options(pairs: list[str], fields: dict[str, set[str]]) -> dict[str, di
     return routed
 
 
-def build_component(cls: type[Component], values: dict[str, Any], label: str) -> Component:
-    """Instantiate ``cls`` with validated options; a bad option raises one line naming it."""
+def build_options(options_cls: type[Options], values: dict[str, Any], label: str) -> Options:
+    """Validate ``values`` into ``options_cls``; a bad option raises one line naming it."""
     try:
-        options = cls.Options(**values)
+        return options_cls(**values)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"])
             got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
             if err["type"] == "extra_forbidden":
-                known = ", ".join(cls.Options.model_fields) or "none"
+                known = ", ".join(options_cls.model_fields) or "none"
                 problems.append(f"unknown option {label}.{name} (known: {known})")
             else:
                 problems.append(f"option {label}.{name}: {err['msg']}{got}")
         raise HarnessError("; ".join(problems)) from None
-    return cls(options)
+
+
+def build_component(cls: type[Component], values: dict[str, Any], label: str) -> Component:
+    """Instantiate ``cls`` with validated options; a bad option raises one line naming it."""
+    return cls(build_options(cls.Options, values, label))

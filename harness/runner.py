@@ -21,8 +21,8 @@ from harness.components import Attributor, Dataset, Masker, Metric, Summary
 from harness.data import Batch, Sample, UnreadableImage, printable, sample_ids_sha256, sample_seed, valid_names
 from harness.errors import HarnessError
 from harness.identity import FileDigest, SampleDigests, combined_sha256, digest_cache, digest_samples, identity_sha256
-from harness.model import LoadedModel, load_model, resolve_device
-from harness.options import build_component, parse_options
+from harness.model import LoadedModel, ModelOptions, load_model, resolve_device
+from harness.options import build_component, build_options, parse_options
 from harness.progress import progress, warn
 from harness.records import Stamp, explain_fresh_start, in_sample_order, make_line, read_lines
 from harness.registry import Registry, get_registry
@@ -108,6 +108,7 @@ class ResolvedRun:
     stamp: Stamp  # what each samples-file line carries to prove it belongs to this run
     digests: SampleDigests
     weights_files: list[FileDigest | None]
+    model_options: ModelOptions = field(default_factory=ModelOptions)
 
 
 def weights_for(config: RunConfig) -> list[str | None]:
@@ -207,10 +208,12 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
     classes["dataset"] = reg.get("dataset", data_id)
 
     fields = {kind: set(cls.Options.model_fields) for kind, cls in classes.items()}
+    fields["model"] = set(ModelOptions.model_fields)
     routed = parse_options(config.options, fields)
     if data_path is not None:
         routed["dataset"]["path"] = data_path
     built = {kind: build_component(cls, routed.get(kind, {}), kind) for kind, cls in classes.items()}
+    built["model"] = build_options(ModelOptions, routed.get("model", {}), "model")
 
     dataset: Dataset = built["dataset"]  # type: ignore[assignment]
     samples = dataset.samples()
@@ -238,6 +241,7 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
         stamp=Stamp(run_sha256=full, weights_sha256=[f.sha256 if f else None for f in weights_files], samples=digests.sha256),
         digests=digests,
         weights_files=weights_files,
+        model_options=built["model"],  # type: ignore[arg-type]
     )
 
 
@@ -255,6 +259,7 @@ def _identity(
             {"id": m, "weights_sha256": f.sha256 if f else None, "random_init": config.random_init}
             for m, f in zip(config.models, weights_files)
         ],
+        "model_options": built["model"].model_dump(mode="json"),
         "metric": _component_entry(built["metric"]),
         "attributor": _component_entry(built.get("attributor")),
         "masker": _component_entry(built.get("masker")),
@@ -366,6 +371,7 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
             device=device,
             seed=config.seed,
             batch_size=config.batch_size,
+            resize=run.model_options.resize,
         )
         for model_id, w in zip(config.models, run.weights_files)
     ]

@@ -60,7 +60,9 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
 
 def _option_fields(reg: Registry, metric: Any, attributor: str | None, masker: str | None) -> dict[str, set[str]]:
     """Option names per target for one suite entry (defaults filled in as the run would)."""
-    fields = {"metric": set(metric.Options.model_fields), "dataset": {"*"}}
+    from harness.model import ModelOptions
+
+    fields = {"metric": set(metric.Options.model_fields), "dataset": {"*"}, "model": set(ModelOptions.model_fields)}
     if metric.needs_attributor:
         fields["attributor"] = set(reg.get("attributor", attributor or metric.default_attributor).Options.model_fields)
     if metric.needs_masker:
@@ -74,7 +76,7 @@ def _accepts(pair: str, fields: dict[str, set[str]]) -> bool:
     target, dot, name = key.partition(".")
     if dot:
         return target in fields and ("*" in fields[target] or name in fields[target])
-    return any(key in names for t, names in fields.items() if t != "dataset")
+    return any(key in names for t, names in fields.items() if t not in ("dataset", "model"))
 
 
 def describe(config: RunConfig) -> str:

@@ -197,3 +197,15 @@ def test_sag_protocol_end_to_end_on_the_real_model(lite0):
     published = {tuple(sorted(e["cells"])): e["prob"] for e in evaluations(ref)[: ref["depths"][depths]["evals"][0]]}
     assert set(oracle.cache[0]) == set(published)  # the same patch sets, each evaluated once (published: with repeats)
     assert max(abs(oracle.cache[0][s] - published[s]) for s in published) < 1e-5
+
+
+def test_resize_option_is_recorded_and_part_of_the_run_identity(cli, tmp_path):
+    default = cli("run", "--model", "efficientnet_lite0", "--metric", "accuracy", "--limit", "1", "--out", tmp_path, "--quiet")
+    opencv = cli("run", "--model", "efficientnet_lite0", "--metric", "accuracy", "--limit", "1", "--out", tmp_path, "--quiet",
+                 "-o", "model.resize=opencv_linear")
+    assert default.exit_code == 0 and opencv.exit_code == 0, (default.stderr, opencv.stderr)
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert len(results) == 2  # two run ids
+    assert {r["models"][0]["preprocessing"]["resize"] for r in results} == {"timm", "opencv_linear"}
+    bad = cli("run", "--model", "efficientnet_lite0", "--metric", "accuracy", "-o", "model.resize=cv2", "--out", tmp_path)
+    assert bad.exit_code != 0 and "model.resize" in bad.stderr and "Traceback" not in bad.stderr
