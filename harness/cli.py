@@ -1,4 +1,4 @@
-"""The ``harness`` command line: run, list, plugins, leaderboard, validate."""
+"""The ``harness`` command line: run, list, plugins, leaderboard, validate, verify."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def run(**kw: Any) -> None:
         argv=["harness", *sys.argv[1:]],
         cache=not kw["no_cache"],
         cache_dir=kw["cache_dir"],
+        in_suite=bool(kw["suite"]),
     )
     if kw["suite"]:
         _run_suite(kw["suite"], base, kw["make_plots"])
@@ -141,12 +142,16 @@ def _plot(path: Path) -> None:
 def _run_suite(name: str, base: Any, make_plots: bool) -> None:
     from harness.registry import get_registry
     from harness.results import read_result
-    from harness.runner import execute, resolve, write_error_result
+    from harness.runner import check_weight_ids, execute, resolve, weight_ids, write_error_result
     from harness.suites import describe, error_message, expand_suite, suite_summary
 
     reg = get_registry()
     outcomes = []
-    for config in expand_suite(name, base, reg):
+    configs = expand_suite(name, base, reg)
+    named = weight_ids(list(base.weights)) if base.weights else None
+    if named is not None:
+        check_weight_ids(named, [m for c in configs for m in c.models], f"suite {name!r}")
+    for config in configs:
         resolved = None
         try:
             resolved = resolve(config, reg)
@@ -315,8 +320,15 @@ def plugins(as_json: bool) -> None:
 def plot(results: tuple[Path, ...]) -> None:
     """Write the PNG plots of result files (curves, attribution overlays, heatmaps) next to them."""
     from harness.leaderboard import find_result_files
+    from harness.results import read_result
 
-    for path in find_result_files(list(results)):
+    files = find_result_files(list(results))
+    if not files:
+        raise HarnessError(f"no result files in {', '.join(map(str, results))}")
+    for path in files:
+        if read_result(path).status != "ok":  # validated: the run id is a plain file name
+            click.echo(f"skipped {path}: status error, nothing to plot", err=True)
+            continue
         _plot(path)
 
 
@@ -338,17 +350,58 @@ def cache(action: str, cache_dir: Path | None, as_json: bool) -> None:
     click.echo(json.dumps(data) if as_json else f"{data['path']}: {data['entries']} attribution(s), {data['bytes'] / 1e6:.1f} MB")
 
 
+# -- verify ------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--samples", "n_samples", type=int, default=None, metavar="K", help="Check K of the run's samples (a seeded choice); default: all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice of samples.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:K.")
+def verify(target: Path, n_samples: int | None, seed: int, device: str) -> None:
+    """Run a result's recorded configuration again on its samples and compare the per-sample values.
+
+    TARGET is a result file or a folder of them. Writes <run_id>.verification.json beside each result;
+    exits 1 if any verification failed.
+    """
+    from harness.verify import NotVerifiable, result_files, summary_line, verification_path, verify_result
+
+    single = Path(target).is_file()
+    failed, verified = False, 0
+    for path in result_files(target):
+        try:
+            record = verify_result(path, n_samples, seed, device)
+        except HarnessError as exc:
+            if single:
+                raise
+            failed |= not isinstance(exc, NotVerifiable)
+            click.echo(f"{'skipped' if isinstance(exc, NotVerifiable) else 'error'}: {exc}", err=True)
+            continue
+        verified += 1
+        failed |= record["status"] != "passed"
+        click.echo(summary_line(record, verification_path(path, record["run_id"])))
+    if not verified and not failed:
+        raise HarnessError(f"no verifiable result files in {target}")
+    if failed:
+        sys.exit(1)
+
+
 # -- leaderboard / validate --------------------------------------------------------------------------
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["markdown", "html", "csv", "json"]), default="markdown", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["markdown", "html", "csv", "json", "latex"]), default="markdown", show_default=True,
+              help="latex: booktabs tables (best per column in bold) for a paper.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
-def leaderboard(paths: tuple[Path, ...], fmt: str, output: Path | None) -> None:
+@click.option("--group-by", "group_by", type=click.Choice(["sample-set", "dataset", "none"]), default="sample-set", show_default=True,
+              help="One table per sample set (dataset id + sample digests); coarser views, labelled as such: per dataset id, or one table.")
+def leaderboard(paths: tuple[Path, ...], fmt: str, output: Path | None, group_by: str) -> None:
     """Build the leaderboard from result files (folders are searched; default ./results)."""
     from harness import leaderboard as lb
     from harness.results import atomic_write_text
 
-    text = lb.render(lb.load(list(paths) or [Path("results")]), fmt)
+    roots = list(paths) or [Path("results")]
+    files = lb.find_result_files(roots)
+    if not files:
+        raise HarnessError(f"no result files in {', '.join(map(str, roots))}")
+    text = lb.render(lb.load(files, group_by), fmt)
     if output:
         atomic_write_text(output, text)
         click.echo(f"wrote {output}", err=True)
@@ -357,20 +410,49 @@ def leaderboard(paths: tuple[Path, ...], fmt: str, output: Path | None) -> None:
 
 
 @cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--site", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the site to (new, empty, or an earlier site, which is replaced).")
+@click.option("--group-by", "group_by", type=click.Choice(["sample-set", "dataset", "none"]), default="sample-set",
+              show_default=True, help="The tables' grouping, as for `harness leaderboard`.")
+@click.option("--title", default="harness leaderboard", show_default=True, help="The site's title.")
+@click.option("--sample-rows", type=int, default=1000, show_default=True,
+              help="Per-sample rows shown on a result page (the whole samples file is always a download).")
+def publish(paths: tuple[Path, ...], site: Path, group_by: str, title: str, sample_rows: int) -> None:
+    """Write a static site from result files (folders are searched; default ./results).
+
+    The index has one table per comparable group; every value links to a page with the result's
+    configuration, provenance, values, plots and per-sample table; metrics and attributors get pages
+    too. Open SITE/index.html, or serve SITE from any static host (e.g. GitHub Pages).
+    """
+    from harness.publish import publish as publish_site
+
+    report = publish_site(list(paths) or [Path("results")], site, group_by=group_by, title=title, sample_rows=sample_rows)
+    skipped = f"; {len(report.skipped)} invalid file(s) left out" if report.skipped else ""
+    click.echo(f"wrote {report.site / 'index.html'}: {report.n_results} result(s), {report.n_tables} table(s), "
+               f"{report.n_pages} page(s), index {report.index_bytes / 1000:.1f} kB{skipped}")
+
+
+@cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def validate(files: tuple[Path, ...], as_json: bool) -> None:
-    """Check result files against the schema; exit 1 if any is invalid."""
+    """Check result files against the schema: one line per file; exit 1 if any is invalid."""
     from harness.leaderboard import find_result_files
     from harness.results import read_result
 
+    found = find_result_files(list(files))
+    if not found:
+        raise HarnessError(f"no result files in {', '.join(map(str, files))}")
     report = []
-    for path in find_result_files(list(files)):
+    for path in found:
         try:
             read_result(path)
             report.append({"file": str(path), "ok": True, "error": None})
         except HarnessError as exc:
             report.append({"file": str(path), "ok": False, "error": str(exc)})
+        except Exception as exc:  # never stop at one hostile file
+            report.append({"file": str(path), "ok": False, "error": f"{path}: cannot validate ({type(exc).__name__}: {exc})"})
     if as_json:
         _echo_json(report)
     else:

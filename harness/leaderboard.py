@@ -29,7 +29,7 @@ from harness.results import (
     verification_path,
 )
 
-FORMATS = ("markdown", "html", "csv", "json")
+FORMATS = ("markdown", "html", "csv", "json", "latex")
 GROUPINGS = ("sample-set", "dataset", "none")
 """``sample-set`` (default): dataset id + sample-set digest(s); ``dataset``: dataset id only;
 ``none``: one table. The last two are coarse views and say so in the output."""
@@ -489,8 +489,23 @@ def load(paths: list[Path], group_by: str = "sample-set") -> Leaderboard:
     """Read and validate the result files under ``paths`` (any invalid file stops with one line
     naming it), read their verification records and MoRF/LeRF samples, and build the tables."""
     files = find_result_files(paths)
-    results = [read_result(p) for p in files]
-    return build(results, _curve_aucs(files, results), group_by=group_by, verifications=_verifications(files, results))
+    return load_results(files, [read_result(p) for p in files], group_by)
+
+
+def load_results(
+    files: list[Path], results: list[Result], group_by: str = "sample-set",
+    verifications: dict[str, Verification] | None = None,
+) -> Leaderboard:
+    """The tables of ``results`` already read from ``files`` (same order), with their MoRF/LeRF samples
+    and verification records (default: ``read_verifications``); ``load`` without the reading."""
+    if verifications is None:
+        verifications = read_verifications(files, results)
+    return build(results, _curve_aucs(files, results), group_by=group_by, verifications=verifications)
+
+
+def read_verifications(files: list[Path], results: list[Result]) -> dict[str, Verification]:
+    """run id -> the verification record beside its result file (bad or stale records are ignored with a warning)."""
+    return _verifications(files, results)
 
 
 def _verifications(files: list[Path], results: list[Result]) -> dict[str, Verification]:
@@ -552,7 +567,7 @@ def _curve_aucs(files: list[Path], results: list[Result]) -> dict[str, dict[str,
 
 
 def render(board: Leaderboard, fmt: str) -> str:
-    """The tables as Markdown (GitHub), HTML (one self-contained page), CSV or JSON."""
+    """The tables as Markdown (GitHub), HTML (one self-contained page), CSV, JSON or LaTeX (booktabs)."""
     from harness import leaderboard_format
 
     return leaderboard_format.render(board, fmt)

@@ -1,7 +1,8 @@
-"""Rendering leaderboard tables: Markdown (GitHub), HTML (one self-contained page), CSV and JSON.
+"""Rendering leaderboard tables: Markdown (GitHub), HTML (one self-contained page), CSV, JSON and LaTeX.
 
-Every string read from a result file is escaped for its format (``harness.escape``); the marks in
-cells are explained in notes under each table.
+Every string read from a result file is escaped for its format (``harness.escape``, ``latex_text``);
+the marks in cells are explained in notes under each table. ``standings`` (rank, best, within one
+standard error of the best) is shared by the LaTeX tables and the static site (``harness.publish``).
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from tabulate import tabulate
 
 from harness.errors import HarnessError
 from harness.escape import csv_cell, html_text, markdown_text
-from harness.leaderboard import FORMATS, Cell, ColumnKey, Escape, Leaderboard, Table
+from harness.leaderboard import FORMATS, Cell, ColumnKey, Escape, Leaderboard, RowKey, Table
 
 VERIFIED, FAILED, OTHER_VERSIONS = "✓", "✗", "*"
 
@@ -206,8 +210,148 @@ def render(board: Leaderboard, fmt: str) -> str:
         return to_markdown(board)
     if fmt == "html":
         return to_html(board)
+    if fmt == "latex":
+        return to_latex(board)
     raise HarnessError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
+
+
+# -- standings: rank, best, within one standard error (LaTeX and the static site) ------------------------------
+@dataclass(frozen=True)
+class Standing:
+    """Where a cell stands in its column: ``rank`` (1 = best; ties share a rank), ``best``, and ``near``
+    (not the best, but within one standard error of the best value, the best's own standard error)."""
+
+    rank: int
+    of: int
+    best: bool
+    near: bool
+
+
+def _rankable(cell: Cell | None) -> bool:
+    return cell is not None and cell.value is not None and math.isfinite(cell.value)
+
+
+def standings(table: Table) -> dict[tuple[RowKey, ColumnKey], Standing]:
+    """The standing of every cell with a finite value in a column with a known better direction."""
+    found: dict[tuple[RowKey, ColumnKey], Standing] = {}
+    for column in table.columns:
+        higher = table.higher_is_better.get(column)
+        if higher is None:
+            continue
+        cells = [(row, cell) for row in table.rows if _rankable(cell := table.cells.get((row, column)))]
+        if not cells:
+            continue
+        sign = 1.0 if higher else -1.0
+        scores = [sign * cell.value for _, cell in cells]  # type: ignore[operator]
+        top = max(scores)
+        spreads = [cell.stderr for (_, cell), score in zip(cells, scores) if score == top and cell.stderr is not None]
+        spread = max(spreads) if spreads else None
+        for (row, cell), score in zip(cells, scores):
+            rank = 1 + sum(other > score for other in scores)
+            near = score != top and spread is not None and top - score <= spread
+            found[(row, column)] = Standing(rank, len(cells), score == top, near)
+    return found
+
+
+# -- LaTeX (booktabs) ----------------------------------------------------------------------------------------
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "%": r"\%",
+    "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}", "<": r"\textless{}", ">": r"\textgreater{}",
+    "|": r"\textbar{}", '"': r"{\ttfamily\char34}", "`": r"\textasciigrave{}", "[": "{[}", "]": "{]}",
+}
+_LATEX_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_LATEX_CHARS = re.compile(r"[\\{}$&#%_^~<>|\"`\[\]]")
+_LATEX_DASHES = re.compile(r"-(?=-)")
+_LATEX_BEYOND_LATIN1 = re.compile(r"[^\x00-\xff]")
+
+
+def latex_text(text: str) -> str:
+    """``text`` as inert LaTeX text: the ten special characters and ``< > | " ` [ ]`` become commands or
+    groups (so no command, group, math, comment, ``^^`` character code, alignment or optional argument
+    can form), control characters and line breaks become spaces, and ``--`` stays two hyphens. Latin-1
+    letters (é, ü, ß) are kept as UTF-8; any other character is written as its code point, ``U+2713``
+    in typewriter type, so the table compiles with pdfLaTeX."""
+    text = _LATEX_CONTROL.sub(" ", str(text))
+    text = _LATEX_CHARS.sub(lambda m: _LATEX_SPECIAL[m.group(0)], text)
+    text = _LATEX_BEYOND_LATIN1.sub(lambda m: rf"{{\ttfamily U+{ord(m.group(0)):04X}}}", text)
+    return _LATEX_DASHES.sub("-{}", text)
+
+
+_LATEX_MARKS = {VERIFIED: r"$^{\surd}$", FAILED: r"$^{\times}$"}
+
+
+def _latex_cell(cell: Cell | None, standing: Standing | None, show_n: bool) -> str:
+    if cell is None:
+        return ""
+    text = "n/a" if cell.value is None else f"{cell.value:.4f}"
+    if cell.value is not None and cell.stderr is not None:
+        text += rf" $\pm$ {cell.stderr:.4f}"
+    if standing is not None and standing.best:
+        text = rf"\textbf{{{text}}}"
+    if show_n:
+        text += rf" {{\scriptsize ($n{{=}}{cell.n}$)}}"
+    if cell.n_nonfinite:
+        text += rf" {{\scriptsize ({cell.n_nonfinite} non-finite)}}"
+    if cell.verification is not None:
+        text += _LATEX_MARKS[VERIFIED if cell.verified else FAILED]
+        if not cell.verification.same_versions:
+            text += "$^{*}$"
+    return text
+
+
+def latex_caption(table: Table) -> str:
+    """The caption: dataset, n, sample-set digest(s), what the numbers are, the direction arrows, bold."""
+    counts = table.n_samples()
+    n = "no samples" if not counts else f"$n={counts[0]}$" if len(counts) == 1 else f"$n={counts[0]}$--${counts[-1]}$"
+    if table.group_by == "none":
+        where = "All datasets (coarse view: sample sets differ)"
+    else:
+        where = f"Dataset {latex_text(table.group.id or '')}"
+        if table.group_by == "dataset":
+            where += " (coarse view: all sample sets)"
+    digest = ""
+    if table.group_by == "sample-set":
+        digest = f" (sample ids {latex_text((table.group.sample_ids_sha256 or '-')[:12])}"
+        if table.group.samples_sha256:
+            digest += f", content {latex_text(table.group.samples_sha256[:12])}"
+        digest += ")"
+    return (f"{where}, {n}{digest}. Mean $\\pm$ standard error; $\\uparrow$ higher is better, $\\downarrow$ lower is "
+            "better; the best value per column in bold.")
+
+
+def _latex_notes(table: Table) -> list[str]:
+    found = notes(table, latex_text, lambda s: rf"\texttt{{{latex_text(s)}}}")
+    return [note.replace(VERIFIED, _LATEX_MARKS[VERIFIED]).replace(FAILED, _LATEX_MARKS[FAILED])
+            .replace(f" {OTHER_VERSIONS} ", " $^{*}$ ") for note in found]
+
+
+def to_latex(board: Leaderboard) -> str:
+    """One booktabs ``table`` per group: caption with dataset and n, header arrows, ``value $\\pm$
+    stderr``, the best value per column in bold, notes explaining the marks; strings escaped."""
+    lines = ["% harness leaderboard: one table per dataset and sample set.",
+             r"% Needs \usepackage{booktabs} in the preamble (and \usepackage[T1]{fontenc} for Latin-1 letters in ids).", ""]
+    if not board.tables:
+        return "\n".join(lines) + "% No results with status ok.\n"
+    for number, table in enumerate(board.tables, start=1):
+        marks = standings(table)
+        show_n = len(table.n_samples()) > 1
+        arrows = {True: r" $\uparrow$", False: r" $\downarrow$", None: ""}
+        headers = ["Model", *(table.column_name(c, latex_text) + arrows[table.higher_is_better.get(c)] for c in table.columns)]
+        lines += [r"\begin{table}[htbp]", r"\centering", rf"\caption{{{latex_caption(table)}}}",
+                  rf"\label{{tab:harness-{number}}}", rf"\begin{{tabular}}{{@{{}}l{'r' * len(table.columns)}@{{}}}}",
+                  r"\toprule", " & ".join(headers) + r" \\", r"\midrule"]
+        for row in table.rows:
+            cells = [_latex_cell(table.cells.get((row, c)), marks.get((row, c)), show_n) for c in table.columns]
+            name = table.row_name(row, latex_text)
+            name = "{}" + name if name.lstrip().startswith("[") else name  # not an optional argument of \\
+            lines.append(" & ".join([name, *cells]) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        extra = _latex_notes(table)
+        if extra:
+            lines += [r"\par\smallskip", r"{\footnotesize " + " ".join(extra) + r"\par}"]
+        lines += [r"\end{table}", ""]
+    return "\n".join(lines)
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en">
