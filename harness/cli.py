@@ -35,7 +35,18 @@ def cli() -> None:
 @click.option("--masker", metavar="ID", help="Masker id: blur, black, mean, noise (granularity via -o masker.granularity=...).")
 @click.option("--data", default=None, metavar="SPEC", help="samples (default) | imagenet:PATH | folder:PATH.")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per metric step and forward-pass chunk.")
+@click.option("--batch-size", default="auto", show_default=True, metavar="auto|N",
+              help="Rows per forward pass and images per metric step. auto: the size fastest per image on this CPU "
+                   "(short calibration, cached) or the largest that fits on the GPU; metric steps stay at 32 images.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="bf16/fp16: autocast for forward-only work (sweeps, searches, features); attributions and gradients "
+                   "stay fp32. Part of the run id; marked [bf16] in the leaderboard.")
+@click.option("--reduced-precision-gradients", is_flag=True,
+              help="With --precision bf16/fp16, also run attributors and gradients in it (not faithful; warns).")
+@click.option("--memory-format", type=click.Choice(["auto", "channels_last", "contiguous"]), default="auto", show_default=True,
+              help="auto: channels_last for CNNs, contiguous for ViTs (results equal up to float rounding).")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="torch.compile the models (pays on long forward-heavy runs; compiling takes tens of seconds).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:K.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 @click.option("--weights", "weights", multiple=True, type=click.Path(), help="Weights file per --model in order, or ID=PATH for a named model (.safetensors or weights-only torch file).")
@@ -52,6 +63,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(**kw: Any) -> None:
     """Run a metric on models and data; write <out>/<run_id>.json and its samples file."""
+    from harness.execution import ExecutionMode, parse_batch_size
     from harness.runner import RunConfig
 
     if kw["launcher"] == "torchrun":
@@ -69,7 +81,7 @@ def run(**kw: Any) -> None:
         masker=kw["masker"],
         data=kw["data"] or ("" if kw["suite"] else "samples"),
         limit=kw["limit"],
-        batch_size=kw["batch_size"],
+        batch_size=parse_batch_size(kw["batch_size"]),
         device=kw["device"],
         seed=kw["seed"],
         weights=list(kw["weights"]),
@@ -83,6 +95,8 @@ def run(**kw: Any) -> None:
         cache=not kw["no_cache"],
         cache_dir=kw["cache_dir"],
         in_suite=bool(kw["suite"]),
+        execution=ExecutionMode(precision=kw["precision"], memory_format=kw["memory_format"], compile=kw["compile_model"],
+                                reduced_precision_gradients=kw["reduced_precision_gradients"]),
     )
     if kw["suite"]:
         _run_suite(kw["suite"], base, kw["make_plots"])
@@ -307,12 +321,14 @@ def plugins(as_json: bool) -> None:
         _echo_json([p.to_json() for p in infos])
         return
     for p in infos:
-        state = "disabled" if not p.enabled else ("ERROR" if p.errors else "ok")
+        state = "disabled" if not p.enabled else ("ERROR" if p.errors else ("skipped" if p.skipped else "ok"))
         click.echo(f"{p.name} ({p.dist} {p.version}) [{state}] {p.module}")
         for kind, ids in sorted(p.components.items()):
             click.echo(f"    {kind}: {', '.join(ids)}")
         for error in p.errors:
             click.echo(f"    error: {error}")
+        if p.skipped and p.enabled:
+            click.echo(f"    skipped: {p.skipped}")
 
 
 @cli.command()

@@ -185,6 +185,7 @@ class ModelPart:
     id: str
     tag: str | None
     weights_sha256: str | None
+    resize: str | None = None  # a non-default input pipeline (``-o model.resize``)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ class RowKey:
 
 
 def row_key(result: Result) -> RowKey:
-    """Model(s) + weights (``[random-init]`` or a ``--weights`` file name) + reduced precision."""
+    """Model(s) + weights (``[random-init]`` or a ``--weights`` file name) + input pipeline when not
+    timm's (``[resize=opencv_linear]``) + reduced precision."""
     parts = []
     for m in result.models:
         tag = None
@@ -204,7 +206,9 @@ def row_key(result: Result) -> RowKey:
             tag = "random-init"
         elif m.weights not in (m.source, "pretrained", ""):  # a user's --weights file
             tag = Path(m.weights).name
-        parts.append(ModelPart(m.id, tag, m.weights_sha256))
+        preprocessing = (m.model_extra or {}).get("preprocessing")
+        resize = preprocessing.get("resize") if isinstance(preprocessing, dict) else None
+        parts.append(ModelPart(m.id, tag, m.weights_sha256, resize if isinstance(resize, str) and resize != "timm" else None))
     precision = (result.provenance.model_extra or {}).get("precision")
     reduced = precision if isinstance(precision, str) and precision.lower() not in FULL_PRECISION else None
     return RowKey(tuple(parts), reduced)
@@ -251,6 +255,8 @@ def row_label(row: RowKey, esc: Escape = _plain, detail: int = 0) -> str:
         text = esc(m.id)
         if m.tag:
             text += f" [{esc(m.tag)}]"
+        if m.resize:
+            text += f" [{esc('resize=' + m.resize)}]"
         if detail >= 1:
             text += f" [weights {esc((m.weights_sha256 or 'unknown')[:8])}]"
         parts.append(text)

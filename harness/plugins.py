@@ -38,6 +38,8 @@ class PluginInfo:
     components: dict[str, list[str]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     enabled: bool = True
+    skipped: str | None = None
+    """Why an optional plugin is not loaded (its library is missing), with the install command."""
 
     @property
     def bundled(self) -> bool:
@@ -55,6 +57,7 @@ class PluginInfo:
             "enabled": self.enabled,
             "components": self.components,
             "errors": self.errors,
+            "skipped": self.skipped,
         }
 
 
@@ -121,6 +124,12 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> tuple
             plugin = ep.load()
         except KeyboardInterrupt:
             raise
+        except ImportError as exc:
+            if isinstance(getattr(exc, "install", None), str):  # an optional extra that is not installed
+                info.skipped = describe_exception(exc)
+            else:
+                info.errors.append(f"import failed: {describe_exception(exc)}")
+            continue
         except BaseException as exc:  # noqa: BLE001 - a broken plugin (even sys.exit()) must not break the rest
             info.errors.append(f"import failed: {describe_exception(exc)}")
             continue

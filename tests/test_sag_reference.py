@@ -207,5 +207,7 @@ def test_resize_option_is_recorded_and_part_of_the_run_identity(cli, tmp_path):
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
     assert len(results) == 2  # two run ids
     assert {r["models"][0]["preprocessing"]["resize"] for r in results} == {"timm", "opencv_linear"}
+    board = cli("leaderboard", tmp_path)  # two rows, never one cell replacing the other
+    assert board.exit_code == 0 and "efficientnet_lite0 [resize=opencv_linear]" in board.stdout and "superseded" not in board.stdout
     bad = cli("run", "--model", "efficientnet_lite0", "--metric", "accuracy", "-o", "model.resize=cv2", "--out", tmp_path)
     assert bad.exit_code != 0 and "model.resize" in bad.stderr and "Traceback" not in bad.stderr

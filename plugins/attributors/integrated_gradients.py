@@ -17,8 +17,9 @@ class IGOptions(Options):
     """m: gradient evaluations along the straight path from the baseline to the image."""
     baseline: Literal["black", "mean", "blur"] = "black"
     """x0: black = zeros in pixel space (seed 004), mean = zeros after normalisation, blur = k51/s50 blur."""
-    method: Literal["riemann_right", "trapezoid"] = "riemann_right"
-    """Riemann right sum (k = 1..m) or the trapezoid rule over k = 0..m."""
+    method: Literal["riemann_right", "trapezoid", "gausslegendre"] = "riemann_right"
+    """Riemann right sum (k = 1..m), the trapezoid rule over k = 0..m (m + 1 points), or m-point
+    Gauss-Legendre (Captum's default quadrature: the same points and weights as Captum)."""
     score: Literal["logit", "softmax"] = "logit"
     reduce: Literal["sum", "abs_sum"] = "sum"
     """How the (3, H, W) attribution becomes a map: signed channel sum, or sum of magnitudes."""
@@ -39,10 +40,24 @@ def path_points(steps: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(alphas, weights) of the quadrature along the path; weights sum to 1."""
     if method == "riemann_right":
         return torch.arange(1, steps + 1, dtype=torch.float32) / steps, torch.full((steps,), 1.0 / steps)
+    if method == "gausslegendre":
+        return gauss_legendre(steps)
     alphas = torch.arange(0, steps + 1, dtype=torch.float32) / steps
     weights = torch.full((steps + 1,), 1.0 / steps)
     weights[0] = weights[-1] = 0.5 / steps
     return alphas, weights
+
+
+def gauss_legendre(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Legendre nodes and weights on [0, 1], as Captum's ``approximation_methods`` computes them:
+    numpy's ``leggauss`` on [-1, 1] (float64), nodes mapped by (1 + x) / 2, weights halved.
+
+    Exact for a path integrand that is a polynomial of degree up to 2 * steps - 1."""
+    import numpy as np
+
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    alphas = torch.tensor((0.5 * (1 + nodes)).tolist(), dtype=torch.float32)
+    return alphas, torch.tensor((0.5 * weights).tolist(), dtype=torch.float32)
 
 
 def integrated_gradients(model: LoadedModel, inputs: torch.Tensor, target: torch.Tensor, options: IGOptions) -> torch.Tensor:
