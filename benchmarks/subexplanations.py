@@ -34,12 +34,12 @@ the default allocator) and ``torch.set_num_threads(--threads)`` (default 2).
 
 ``--cost`` measures instead what one image costs with counting on (``harness run --metric
 subexplanations`` as a user runs it): per photo, the forward passes of each phase (search, pruning,
-counting) with the default I-GOS ranking and with the ranking the harness used before this release
-(``igos`` with ``baseline=blur`` and ``ranking=clamped``, which ties most cells), the subsets
+counting) with the default I-GOS ranking (and with ``--previous`` the ranking the harness used before
+this release: ``igos`` with ``baseline=blur`` and ``ranking=clamped``, which ties most cells), the subsets
 counting had to evaluate against those the MSEs have one by one, and the seconds against the bare
 forward floor (the same number of images pushed through the model in full batches, no search logic):
 
-    python benchmarks/subexplanations.py --cost --images chelsea,coffee,rocket
+    python benchmarks/subexplanations.py --cost --images chelsea,coffee,rocket [--previous]
 
 The last line is JSON: {"ratio": ..., "batched": {"seconds", "forward_passes", "forward_calls", ...},
 "unbatched": {...}, "same_mses": true, "images": {...}, "allocator": ..., "torch": ...}.
@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speculative", action="store_true",
                         help="batched side with speculative pruning windows (fewer forward calls, more passes; for GPUs)")
     parser.add_argument("--cost", action="store_true",
-                        help="passes and time per image with counting on: default vs the previous ranking, against the forward floor")
+                        help="passes and time per image with counting on, against the forward floor")
+    parser.add_argument("--previous", action="store_true",
+                        help="with --cost: also the ranking used before (igos baseline=blur, ranking=clamped; ~4x the passes)")
     parser.add_argument("--out", default="/tmp/harness-bench-subexplanations")
     args = parser.parse_args(argv)
     args.images = [x for x in args.images.split(",") if x]
@@ -279,7 +281,8 @@ def cost(args) -> None:
         baseline = BlackFill().baseline(model, inputs, seeds)
         settings = metric.settings(granularity.n_regions)
         report[name] = {}
-        for label, igos in (("default", IGOS()), ("previous", IGOS(IGOS.Options(baseline="blur", ranking="clamped")))):
+        sides = [("default", IGOS())] + ([("previous", IGOS(IGOS.Options(baseline="blur", ranking="clamped")))] if args.previous else [])
+        for label, igos in sides:
             importance = igos.coarse(model, inputs, target, seeds).reshape(1, -1)
             ties = 49 - len(set(importance[0].tolist()))
             counter = Counting(model.module)
@@ -308,7 +311,7 @@ def cost(args) -> None:
                   f"counting subsets per MSE {r['counting_subsets']['per_mse']}, distinct {len(rel)}, evaluated "
                   f"{r['counting_subsets']['evaluated']}; {seconds:.1f} s vs forward floor {floor:.1f} s "
                   f"({r['over_floor']:.2f}x); counts {r['counts']}", flush=True)
-    totals = {label: sum(report[n][label]["total_passes"] for n in report) / len(report) for label in ("default", "previous")}
+    totals = {label: sum(report[n][label]["total_passes"] for n in report) / len(report) for label in report[args.images[0]]}
     seconds = sum(report[n]["default"]["seconds"] for n in report) / len(report)
     print(json.dumps({"cost": report, "mean_passes_per_image": totals, "seconds_per_image": round(seconds, 2),
                       "images_per_hour_cpu": round(3600 / seconds, 1), "batch_size": args.batch_size, "model": args.model,
