@@ -19,7 +19,7 @@ the per-row formula.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -57,11 +57,15 @@ def perturbation_curves(
     score: ScoreKind = "softmax",
     clean_scores: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(B, steps + 1) scores of ``target`` along the sweep.
 
     ``mode="insert"`` starts from ``baseline`` and adds regions; ``"remove"`` starts from ``inputs``
     and removes them. ``order`` says which regions go first: the most or the least important.
+    ``fill`` (a masker's ``composite_fill``, for fills that depend on which pixels are removed, such as
+    ROAD's imputation) gets each chunk's composites, their keep masks (N, 1, H, W; 1 = image pixel)
+    and the image index of every row, and returns the composites to score.
     """
     n_images = len(inputs)
     device = inputs.device
@@ -116,6 +120,9 @@ def perturbation_curves(
                 torch.mul(mask, x, out=segment)
                 segment.add_((1 - mask) * base)
             row += last - first
+        if fill is not None:
+            keep = soft if soft is not None else buffer[1][: stop - start]
+            out = fill(out, keep if soft is not None or mode == "insert" else 1 - keep, image_of_row[start:stop])
         return out
 
     def chunk(start: int, stop: int) -> torch.Tensor:

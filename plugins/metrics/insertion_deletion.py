@@ -81,6 +81,7 @@ class CurveMetric(Metric):
             target=target,
             score=self.options.score,
             clean_scores=clean,
+            fill=ctx.masker.composite_fill(model, batch.seeds) if hasattr(ctx.masker, "composite_fill") else None,
         )
         aucs = trapezoid_auc(curves)
         for i, sample in enumerate(batch.samples):
