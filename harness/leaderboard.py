@@ -197,13 +197,15 @@ class RowKey:
 
 
 def row_key(result: Result) -> RowKey:
-    """Model(s) + weights (``[random-init]`` or a ``--weights`` file name) + input pipeline when not
+    """Model(s) + weights (``[random-init]``, a ``--weights`` file name, or ``[user model <digest>]``) + input pipeline when not
     timm's (``[resize=opencv_linear]``) + reduced precision."""
     parts = []
     for m in result.models:
         tag = None
         if m.random_init:
             tag = "random-init"
+        elif (m.model_extra or {}).get("user_model") is True:  # harness.evaluate(module): the parameters' digest
+            tag = f"user model {str(m.weights_sha256 or 'unknown')[:8]}"
         elif m.weights not in (m.source, "pretrained", ""):  # a user's --weights file
             tag = Path(m.weights).name
         preprocessing = (m.model_extra or {}).get("preprocessing")

@@ -10,6 +10,7 @@ import torch
 
 from harness.batching import map_in_chunks
 from harness.components import ModelSpec, Options
+from harness.execution import AppliedExecution, ExecutionMode, apply_execution
 from harness.weights import load_checked, read_state_dict, state_dict_sha256
 
 
@@ -38,6 +39,8 @@ class LoadedModel:
     resize: str = "timm"
     """How images become inputs: ``timm`` (the model's data config: resize, crop, PIL interpolation)
     or ``opencv_linear`` (the published explanation code's ``cv2.resize`` squash to the input size)."""
+    execution: AppliedExecution = field(default_factory=AppliedExecution)
+    """How the module runs: precision, memory format (``auto`` resolved), compiled or not."""
     _transform: Any = field(default=None, repr=False)
 
     @property
@@ -64,7 +67,10 @@ class LoadedModel:
         return inputs * self.std + self.mean
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
-        """Normalised input batch (B, 3, H, W) on the device from PIL images."""
+        """Normalised input batch (B, 3, H, W) on the device from PIL images (tensors, as given to
+        ``harness.evaluate``, are taken as already preprocessed)."""
+        if images and all(isinstance(img, torch.Tensor) for img in images):
+            return torch.stack(list(images)).to(self.device, torch.float32)
         if self.resize == "opencv_linear":
             return self.normalise(torch.stack([self._opencv_pixels(img) for img in images]).to(self.device))
         if self._transform is None:
@@ -111,6 +117,7 @@ class LoadedModel:
             "weights_sha256": self.weights_sha256,
             "random_init": self.random_init,
             "preprocessing": self.preprocessing(),
+            **({"user_model": True} if getattr(self.spec, "user_model", False) else {}),  # harness.evaluate(module)
         }
 
 
@@ -138,8 +145,10 @@ def load_model(
     seed: int = 0,
     batch_size: int = 32,
     resize: str = "timm",
+    execution: ExecutionMode | None = None,
 ) -> LoadedModel:
-    """Build ``spec`` with its default weights, a user's ``weights`` file, or a seeded random init."""
+    """Build ``spec`` with its default weights, a user's ``weights`` file, or a seeded random init,
+    then put it in ``execution`` mode (None: as built, contiguous fp32, not compiled)."""
     import timm.data
 
     from harness.errors import HarnessError
@@ -162,6 +171,8 @@ def load_model(
         p.requires_grad_(False)
     config = dict(timm.data.resolve_data_config(model=module))
     config.update(spec.data_config)
+    digest = state_dict_sha256(module)  # before any change of memory format or compilation
+    applied = apply_execution(module, execution, device) if execution is not None else AppliedExecution()
     return LoadedModel(
         id=spec.id,
         spec=spec,
@@ -169,8 +180,9 @@ def load_model(
         device=device,
         data_config=config,
         weights=weights_desc,
-        weights_sha256=state_dict_sha256(module),
+        weights_sha256=digest,
         random_init=random_init,
         batch_size=batch_size,
         resize=resize,
+        execution=applied,
     )

@@ -20,6 +20,7 @@ from harness import __version__
 from harness.components import Attributor, Dataset, Masker, Metric, Summary
 from harness.data import Batch, Sample, UnreadableImage, printable, sample_ids_sha256, sample_seed, valid_names
 from harness.errors import HarnessError
+from harness.execution import AUTO, ExecutionMode, metric_batch_size, parse_batch_size
 from harness.identity import FileDigest, SampleDigests, combined_sha256, digest_cache, digest_samples, identity_sha256
 from harness.model import LoadedModel, ModelOptions, load_model, resolve_device
 from harness.options import build_component, build_options, parse_options
@@ -40,7 +41,7 @@ class RunConfig:
     masker: str | None = None
     data: str = "samples"
     limit: int | None = None
-    batch_size: int = 32
+    batch_size: int | str = AUTO  # "auto": calibrated forward-pass size (harness.execution)
     device: str = "auto"
     seed: int = 0
     weights: list[str] = field(default_factory=list)
@@ -54,6 +55,8 @@ class RunConfig:
     cache: bool = True
     cache_dir: Path | None = None
     in_suite: bool = False  # --weights ID=PATH may then name models of other entries
+    execution: ExecutionMode = field(default_factory=ExecutionMode)  # --precision, --memory-format, --compile
+    python_objects: tuple[str, ...] = ()  # parts given as Python objects (harness.evaluate): not replayable by verify
 
 
 SEED_MAX = 2**63 - 1
@@ -165,9 +168,30 @@ def parse_data(spec: str) -> tuple[str, str | None]:
 
 
 def _component_entry(component: Any) -> dict[str, Any] | None:
+    """id, version, options, and what a component reports of its content (``content_identity()``,
+    e.g. the digest of maps computed elsewhere)."""
     if component is None:
         return None
-    return {"id": component.id, "version": component.version, "options": component.options.model_dump(mode="json")}
+    content = getattr(component, "content_identity", None)
+    return {"id": component.id, "version": component.version, "options": component.options.model_dump(mode="json"),
+            **(content() if callable(content) else {})}
+
+
+def _identity_entry(component: Any) -> dict[str, Any] | None:
+    """A component's entry in the run identity: as recorded, without its ``path`` option (a location;
+    what is there is identified by its content digest, as for datasets)."""
+    entry = _component_entry(component)
+    if entry is not None and "path" in entry["options"]:
+        entry["options"] = {k: v for k, v in entry["options"].items() if k != "path"}
+    return entry
+
+
+def split_path(spec: str, flag: str) -> tuple[str, str | None]:
+    """``ID:PATH`` -> (ID, PATH); ``ID`` -> (ID, None). PATH becomes the component's ``path`` option."""
+    name, sep, path = spec.partition(":")
+    if sep and not path.strip():
+        raise HarnessError(f"{flag} {spec!r}: the path after ':' is empty; e.g. {flag} {name}:PATH")
+    return name, (path if sep else None)
 
 
 def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
@@ -180,12 +204,11 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
             f"at least {metric_cls.min_models}" + (f" and at most {metric_cls.max_models}" if metric_cls.max_models else "")
         )
         raise HarnessError(f"metric {config.metric!r} takes {want} --model, got {n_models}")
-    for model_id in config.models:
-        reg.model_spec(model_id)  # unknown ids fail here, before anything runs
+    specs = [reg.model_spec(model_id) for model_id in config.models]  # unknown ids fail here, before anything runs
     if config.limit is not None and config.limit < 1:
         raise HarnessError(f"--limit must be at least 1, got {config.limit}")
-    if config.batch_size < 1:
-        raise HarnessError(f"--batch-size must be at least 1, got {config.batch_size}")
+    parse_batch_size(config.batch_size)
+    config.execution.check()
     if not 0 <= config.seed <= SEED_MAX:
         raise HarnessError(f"--seed must be between 0 and 2**63-1 ({SEED_MAX}), got {config.seed}")
     if config.weights and config.random_init:
@@ -193,6 +216,7 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
     per_model_weights = weights_for(config)
 
     classes: dict[str, Any] = {"metric": metric_cls}
+    paths: dict[str, str | None] = {}
     for kind, wanted, needed, default in (
         ("attributor", config.attributor, metric_cls.needs_attributor, metric_cls.default_attributor),
         ("masker", config.masker, metric_cls.needs_masker, metric_cls.default_masker),
@@ -203,6 +227,7 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
             chosen = wanted or default
             if chosen is None:
                 raise HarnessError(f"metric {config.metric!r} needs --{kind}")
+            chosen, paths[kind] = split_path(chosen, f"--{kind}") if kind == "attributor" else (chosen, None)
             classes[kind] = reg.get(kind, chosen)
     data_id, data_path = parse_data(config.data)
     classes["dataset"] = reg.get("dataset", data_id)
@@ -212,6 +237,8 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
     routed = parse_options(config.options, fields)
     if data_path is not None:
         routed["dataset"]["path"] = data_path
+    if paths.get("attributor") is not None:
+        routed["attributor"]["path"] = paths["attributor"]
     built = {kind: build_component(cls, routed.get(kind, {}), kind) for kind, cls in classes.items()}
     built["model"] = build_options(ModelOptions, routed.get("model", {}), "model")
 
@@ -225,8 +252,12 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
 
     cache = digest_cache(config.cache_dir)
     weights_files = [_weights_digest(w, cache) if w else None for w in per_model_weights]
-    digests = digest_samples(samples, cache)
-    identity = _identity(config, data_id, built, samples, weights_files, digests)
+    own_digests = getattr(dataset, "content_digests", None)  # data that are no files (harness.evaluate)
+    digests = SampleDigests(own_digests(samples), {}) if callable(own_digests) else digest_samples(samples, cache)
+    bind = getattr(built.get("attributor"), "bind_samples", None)  # attributors that serve maps by sample id
+    if callable(bind):
+        bind(samples, config.seed)
+    identity = _identity(config, data_id, built, samples, weights_files, digests, specs)
     full = identity_sha256(identity)
     readable = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{config.metric}-{'+'.join(config.models)}")[:80]
     return ResolvedRun(
@@ -247,7 +278,7 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
 
 def _identity(
     config: RunConfig, data_id: str, built: dict[str, Any], samples: list[Sample],
-    weights_files: list[FileDigest | None], digests: SampleDigests,
+    weights_files: list[FileDigest | None], digests: SampleDigests, specs: list[Any] | None = None,
 ) -> dict[str, Any]:
     """What determines a run's numbers (the run id hashes it): models with their weights' content
     digest, components with versions and options, the dataset kind and options (not its path), the
@@ -256,12 +287,13 @@ def _identity(
     return {
         "schema_version": SCHEMA_VERSION,
         "models": [
-            {"id": m, "weights_sha256": f.sha256 if f else None, "random_init": config.random_init}
-            for m, f in zip(config.models, weights_files)
+            # a user's module (harness.evaluate) is identified by its parameters' digest
+            {"id": m, "weights_sha256": f.sha256 if f else getattr(spec, "parameters_sha256", None), "random_init": config.random_init}
+            for m, f, spec in zip(config.models, weights_files, specs or [None] * len(config.models))
         ],
         "model_options": built["model"].model_dump(mode="json"),
         "metric": _component_entry(built["metric"]),
-        "attributor": _component_entry(built.get("attributor")),
+        "attributor": _identity_entry(built.get("attributor")),
         "masker": _component_entry(built.get("masker")),
         "dataset": {
             "id": data_id,
@@ -270,6 +302,9 @@ def _identity(
             "samples_sha256": combined_sha256(digests.sha256[s.id] for s in samples),
         },
         "seed": config.seed,
+        # reduced precision changes numbers; fp32 run ids stay as they were (memory format, compile and
+        # batch size change float rounding only, so they are not part of the identity)
+        **({"execution": config.execution.identity()} if config.execution.reduced else {}),
     }
 
 
@@ -302,16 +337,45 @@ def _load_images(run: ResolvedRun, samples: list[Sample]) -> tuple[list[Sample],
     return kept, images
 
 
-def replay_config(run: ResolvedRun) -> dict[str, Any]:
-    """What ``harness verify`` needs to run this configuration again (``provenance.run_config``)."""
+def replay_config(run: ResolvedRun) -> dict[str, Any] | None:
+    """What ``harness verify`` needs to run this configuration again (``provenance.run_config``);
+    None when parts were Python objects (``harness.evaluate``), which cannot be rebuilt."""
     c = run.config
+    if c.python_objects:
+        return None
     name, path = parse_data(c.data)
+    attributor = c.attributor
+    if attributor is not None and split_path(attributor, "--attributor")[1] is not None:
+        kind, place = split_path(attributor, "--attributor")
+        attributor = f"{kind}:{Path(str(place)).expanduser().resolve()}"
     return {
-        "models": list(c.models), "metric": c.metric, "attributor": c.attributor, "masker": c.masker,
+        "models": list(c.models), "metric": c.metric, "attributor": attributor, "masker": c.masker,
         "data": c.data if path is None else f"{name}:{Path(path).expanduser().resolve()}",
-        "options": list(c.options), "limit": c.limit, "seed": c.seed, "batch_size": c.batch_size,
+        "options": list(c.options), "limit": c.limit, "seed": c.seed, "batch_size": _recorded_batch_size(c),
+        "batch_size_auto": c.batch_size == AUTO, "execution": c.execution.record(),
         "weights": [f.path if f else None for f in run.weights_files], "random_init": c.random_init,
         "on_bad_image": c.on_bad_image,
+    }
+
+
+def _recorded_batch_size(config: RunConfig) -> int:
+    """``--batch-size`` as an integer for result files: the images per metric step (32 for auto)."""
+    try:
+        return metric_batch_size(parse_batch_size(config.batch_size))
+    except HarnessError:
+        return 0
+
+
+def execution_provenance(session: "Session") -> dict[str, Any]:
+    """The execution mode and forward-pass size a run used (``provenance`` keys)."""
+    formats = [m.execution.memory_format for m in session.models]
+    return {
+        "batch_size": session.batch_size,
+        "batch_size_auto": session.batch_size_auto,
+        "precision": session.run.config.execution.precision,
+        "reduced_precision_gradients": session.run.config.execution.reduced_precision_gradients,
+        "memory_format": formats[0] if len(set(formats)) == 1 else formats,
+        "compile": session.run.config.execution.compile,
     }
 
 
@@ -327,7 +391,7 @@ def _provenance(config: RunConfig, device: torch.device, reg: Registry, started:
         "timm": timm.__version__,
         "device": str(device),
         "seed": config.seed,
-        "batch_size": config.batch_size,
+        "batch_size": _recorded_batch_size(config),
         "started_at": started_at,
         "duration_s": round(time.time() - started, 3),
         "argv": config.argv or sys.argv,
@@ -346,6 +410,8 @@ class Session:
     cache: Any  # AttributionCache | None
     samples_file: SamplesFile
     own_file: SamplesFile  # this rank's file (the samples file itself outside torchrun)
+    batch_size: int = 32  # rows per forward pass (calibrated under --batch-size auto)
+    batch_size_auto: bool = False
 
 
 def check_outputs(config: RunConfig, needs_cache: bool) -> None:
@@ -363,6 +429,7 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
     """Load the models, wrap the attributor in the cache, and name the samples files."""
     config = run.config
     torch.manual_seed(config.seed)
+    step = metric_batch_size(config.batch_size)
     models = [
         load_model(
             reg.model_spec(model_id),
@@ -370,17 +437,24 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
             random_init=config.random_init,
             device=device,
             seed=config.seed,
-            batch_size=config.batch_size,
+            batch_size=step,
             resize=run.model_options.resize,
+            execution=config.execution,
         )
         for model_id, w in zip(config.models, run.weights_files)
     ]
+    forward_size = _forward_batch_size(config, models, world)
+    for model in models:
+        model.batch_size = forward_size
     for w in run.weights_files:
         if w is not None and not w.unchanged():
             raise HarnessError(f"weights file {w.path} changed while the run started (its content is part of the run id); run again")
     out = Path(config.out)
     attributor, cache = run.attributor, None
-    if attributor is not None and config.cache:
+    use_cache = config.cache and getattr(attributor, "cacheable", True)  # stored maps are not cached again
+    if attributor is not None and config.execution.reduced:
+        attributor, use_cache = _reduced_precision_attributor(attributor, config, world, use_cache)
+    if attributor is not None and use_cache:
         from harness.cache import AttributionCache, CachedAttributor, default_cache_dir
 
         cache = AttributionCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
@@ -390,7 +464,7 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
         attributor=attributor,
         masker=run.masker,
         seed=config.seed,
-        batch_size=config.batch_size,
+        batch_size=step,
         out_dir=out,
         run_id=run.run_id,
         quiet=config.quiet,
@@ -398,7 +472,45 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
     )
     samples_file = SamplesFile(out / f"{run.run_id}.samples.jsonl")
     own_file = rank_file(out, run.run_id, world) if world.distributed else samples_file
-    return Session(run, world, device, models, ctx, cache, samples_file, own_file)
+    return Session(run, world, device, models, ctx, cache, samples_file, own_file, forward_size, config.batch_size == AUTO)
+
+
+def _forward_batch_size(config: RunConfig, models: list[LoadedModel], world: Any) -> int:
+    """``--batch-size`` N, or under ``auto`` the smallest of the models' calibrated sizes (rank 0's
+    choice under torchrun, so every rank batches alike). Warns when reduced precision is emulated."""
+    from harness.execution import auto_batch_size, native_reduced_precision
+
+    if models and not native_reduced_precision(config.execution.precision, models[0].device) and world.is_main:
+        warn(f"--precision {config.execution.precision}: this CPU has no native {config.execution.precision} support "
+             "(no AVX-512 BF16/FP16); it is emulated and much slower than fp32")
+    if config.batch_size != AUTO:
+        return int(config.batch_size)
+    from harness.cache import default_cache_dir
+
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    size = min(auto_batch_size(m, cache_dir) for m in models)
+    if world.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            shared = [size]
+            dist.broadcast_object_list(shared, src=0)
+            size = int(shared[0])
+    return size
+
+
+def _reduced_precision_attributor(attributor: Any, config: RunConfig, world: Any, use_cache: bool) -> tuple[Any, bool]:
+    """Under reduced precision attributions stay fp32; with ``--reduced-precision-gradients`` they
+    do not (with a warning), and the attribution cache is not used (its maps are fp32 maps)."""
+    from harness.execution import FullPrecisionAttributor
+
+    if not config.execution.reduced_precision_gradients:
+        return FullPrecisionAttributor(attributor), use_cache
+    if world.is_main:
+        warn(f"--reduced-precision-gradients: attributor {attributor.id} runs in {config.execution.precision}; "
+             "reduced-precision input gradients are not faithful (bf16: cosine 0.81 to fp32); "
+             "the attribution cache is not used for this run")
+    return attributor, False
 
 
 def evaluate_pending(session: Session) -> None:
@@ -424,7 +536,7 @@ def evaluate_pending(session: Session) -> None:
     todo = [s for s in mine if s.id not in done]
     bar = progress(len(mine), f"{run.metric.id} {'+'.join(config.models)}", config.quiet or not world.is_main)
     bar.update(len(mine) - len(todo))
-    images_per_batch = max(1, run.metric.images_per_batch(config.batch_size))
+    images_per_batch = max(1, run.metric.images_per_batch(session.ctx.batch_size))
     for start in range(0, len(todo), images_per_batch):
         kept, images = _load_images(run, todo[start : start + images_per_batch])
         if kept:
@@ -532,12 +644,14 @@ def finish(session: Session, reg: Registry, started: float, started_at: str) -> 
         artifacts=summary.artifacts,
         provenance={
             **_provenance(config, session.device, reg, started, started_at),
+            **execution_provenance(session),
             "attribution_cache": None if session.cache is None else {
                 "path": str(session.cache.root), "hits": session.cache.stats.hits, "misses": session.cache.stats.misses,
             },
             "weights_files_sha256": run.stamp.weights_sha256,
             "run_sha256": run.stamp.run_sha256,
             "run_config": replay_config(run),
+            **({"python_objects": list(config.python_objects)} if config.python_objects else {}),
         },
         status="ok",
     )
@@ -607,7 +721,7 @@ def write_error_result(config: RunConfig, message: str, run: ResolvedRun | None 
         artifacts={},
         provenance={
             "harness": __version__, "plugins": {}, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "device": config.device, "seed": config.seed, "batch_size": config.batch_size,
+            "timm": timm.__version__, "device": config.device, "seed": config.seed, "batch_size": _recorded_batch_size(config),
             "started_at": now, "duration_s": 0.0, "argv": config.argv or sys.argv,
         },
         status="error",

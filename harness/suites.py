@@ -16,12 +16,14 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
     """Models x metrics x attributors x maskers of suite ``name``, as run configurations.
 
     A metric that compares models (``min_models >= 2``) gets all of the suite's models in one run;
-    attributors and maskers apply only to metrics that take them. ``options`` maps a metric id to
-    extra ``-o`` strings for its runs; ``metric_models`` maps a metric id to the models it runs on
-    instead of ``models``.
+    attributors and maskers apply only to metrics that take them. ``attributors = "*"`` means every
+    installed attributor that runs with its default options (see :func:`every_attributor`).
+    ``options`` maps a metric id to extra ``-o`` strings for its runs; ``metric_models`` maps a metric
+    id to the models it runs on instead of ``models``. ``--model`` (``base.models``) replaces the
+    suite's models.
     """
     suite = reg.suite(name)
-    models: list[str] = list(suite.get("models", []))
+    models: list[str] = list(base.models) or list(suite.get("models", []))
     metrics: list[str] = list(suite.get("metrics", []))
     if not models or not metrics:
         raise HarnessError(f"suite {name!r} needs 'models' and 'metrics'")
@@ -34,6 +36,10 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
         chosen = list(models_for.get(metric_id, models))
         groups = [chosen] if metric.min_models >= 2 else [[m] for m in chosen]
         attributors = suite.get("attributors") if metric.needs_attributor else None
+        if attributors == "*":
+            attributors = every_attributor(reg)
+        elif isinstance(attributors, str):
+            raise HarnessError(f"suite {name!r}: attributors is a list of ids or \"*\" (every installed attributor)")
         maskers = suite.get("maskers") if metric.needs_masker else None
         for group in groups:
             for attributor in attributors or [None]:
@@ -56,6 +62,15 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
     if unused:
         raise HarnessError(f"option {unused[0]!r} fits no entry of suite {name!r}")
     return configs
+
+
+def every_attributor(reg: Registry) -> list[str]:
+    """Ids of every installed attributor (bundled, bridged, third-party) that runs with its default
+    options: those with a required option (``maps`` needs a PATH) are left out."""
+    return [
+        cid for cid, entry in sorted(reg.components["attributor"].items())
+        if not any(f.is_required() for f in entry.obj.Options.model_fields.values())
+    ]
 
 
 def _option_fields(reg: Registry, metric: Any, attributor: str | None, masker: str | None) -> dict[str, set[str]]:

@@ -39,9 +39,14 @@ class NotVerifiable(HarnessError):
 
 def _replay(result: Any, out: Path, device: str) -> Any:
     """The RunConfig recorded in ``result``, writing into ``out``."""
+    from harness.execution import ExecutionMode
     from harness.runner import RunConfig
 
     recorded = getattr(result.provenance, "run_config", None)
+    objects = getattr(result.provenance, "python_objects", None)
+    if objects and recorded is None:
+        raise NotVerifiable(f"{result.run_id}: made by harness.evaluate from Python objects ({', '.join(map(str, objects))}), "
+                            "which verify cannot rebuild")
     if not isinstance(recorded, dict):
         raise NotVerifiable(
             f"{result.run_id}: the result records no run configuration (provenance.run_config; written by harness "
@@ -57,9 +62,10 @@ def _replay(result: Any, out: Path, device: str) -> Any:
         return RunConfig(
             models=models, metric=recorded["metric"], attributor=recorded.get("attributor"),
             masker=recorded.get("masker"), data=recorded["data"], limit=recorded.get("limit"),
-            batch_size=int(recorded["batch_size"]), device=device, seed=int(recorded["seed"]), weights=weights,
+            batch_size="auto" if recorded.get("batch_size_auto") else int(recorded["batch_size"]), device=device, seed=int(recorded["seed"]), weights=weights,
             random_init=bool(recorded.get("random_init")), options=list(recorded.get("options") or []), out=out,
             quiet=True, on_bad_image="skip", cache=False, argv=["harness", "verify"],
+            execution=ExecutionMode.from_record(recorded.get("execution")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise HarnessError(f"{result.run_id}: provenance.run_config is damaged ({type(exc).__name__}: {exc})") from None
