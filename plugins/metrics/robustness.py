@@ -175,6 +175,10 @@ class Robustness(Metric):
         return self._conditions
 
     def _corrupt(self, image: Any, seed: int) -> list[Any]:
+        if not hasattr(image, "convert"):
+            from harness.errors import HarnessError
+
+            raise HarnessError("robustness corrupts photos (PIL images): give it a dataset id or path, not preprocessed tensors")
         if self._corruptor is None:
             self._corruptor = corruptor(self.options.backend)
         base = np.asarray(imagenet_c_geometry(image.convert("RGB"), self.options.corrupt_size))
