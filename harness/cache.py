@@ -135,6 +135,6 @@ class CachedAttributor:
             index = torch.tensor(missing, device=inputs.device)
             computed = getattr(self.inner, method)(model, inputs[index], target[index], [seeds[i] for i in missing])
             for row, i in enumerate(missing):
-                found[i] = computed[row].detach().cpu()
-                self.cache.store(keys[i], found[i])
+                found[i] = value = computed[row].detach().cpu()
+                self.cache.store(keys[i], value)
         return torch.stack([f.to(inputs.device) for f in found])  # type: ignore[union-attr]

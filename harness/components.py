@@ -10,7 +10,7 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Sequence, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Iterable, Sequence, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -58,7 +58,7 @@ def _number_coercion(value: Any, annotation: Any) -> str | None:
         if not args:
             return None
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            pairs = zip(value, args)
+            pairs: Iterable[tuple[Any, Any]] = zip(value, args)
         else:
             pairs = ((v, args[0]) for v in value)
         return next((p for p in (_number_coercion(v, a) for v, a in pairs) if p), None)
@@ -70,6 +70,10 @@ def _number_coercion(value: Any, annotation: Any) -> str | None:
     return None
 
 
+# Inside ``Component`` the name ``Options`` is the class attribute, not this model.
+_BaseOptions = Options
+
+
 class Component:
     """Base of attributors, maskers, metrics and datasets."""
 
@@ -77,8 +81,11 @@ class Component:
     id: ClassVar[str]
     version: ClassVar[str] = "1"
     Options: ClassVar[type[Options]] = Options
+    # An instance of the subclass's own ``Options`` model; ``Any`` to type checkers, which cannot follow
+    # the per-subclass model (a subclass may declare ``options: MyOptions`` to have it checked).
+    options: Any
 
-    def __init__(self, options: Options | None = None):
+    def __init__(self, options: _BaseOptions | None = None):
         self.options = options if options is not None else self.Options()
 
     @classmethod

@@ -153,7 +153,7 @@ def install_autocast(module: torch.nn.Module, device_type: str, precision: str, 
             out = original(*args, **kwargs)
         return _as_float(out)
 
-    module.forward = forward  # type: ignore[method-assign]
+    module.forward = forward
 
 
 def native_reduced_precision(precision: str, device: torch.device) -> bool:

@@ -544,6 +544,8 @@ def _is_stale(record: Verification, result: Result) -> bool:
     from datetime import datetime, timezone
 
     checked = (record.model_extra or {}).get("checked_at")
+    if not isinstance(checked, str):
+        return False
     try:
         times = [datetime.fromisoformat(t) for t in (checked, result.provenance.started_at)]
     except (TypeError, ValueError):

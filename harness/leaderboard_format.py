@@ -13,7 +13,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 from tabulate import tabulate
 
@@ -228,7 +228,7 @@ class Standing:
     near: bool
 
 
-def _rankable(cell: Cell | None) -> bool:
+def _rankable(cell: Cell | None) -> TypeGuard[Cell]:
     return cell is not None and cell.value is not None and math.isfinite(cell.value)
 
 
@@ -243,11 +243,11 @@ def standings(table: Table) -> dict[tuple[RowKey, ColumnKey], Standing]:
         if not cells:
             continue
         sign = 1.0 if higher else -1.0
-        scores = [sign * cell.value for _, cell in cells]  # type: ignore[operator]
+        scores = [sign * cast(float, cell.value) for _, cell in cells]  # _rankable: a finite value
         top = max(scores)
         spreads = [cell.stderr for (_, cell), score in zip(cells, scores) if score == top and cell.stderr is not None]
         spread = max(spreads) if spreads else None
-        for (row, cell), score in zip(cells, scores):
+        for (row, _cell), score in zip(cells, scores):
             rank = 1 + sum(other > score for other in scores)
             near = score != top and spread is not None and top - score <= spread
             found[(row, column)] = Standing(rank, len(cells), score == top, near)

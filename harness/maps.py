@@ -181,7 +181,7 @@ class SampleMapsAttributor(Attributor):
                                    "maps computed elsewhere serve only the run's own images")
             self._check_request(sample_id, model, inputs[i], int(target[i]))
             o = self.options
-            maps.append(as_map(self._source.load(sample_id), size, o.reduce, o.resize, f"maps: the map of sample {sample_id!r}"))  # type: ignore[attr-defined]
+            maps.append(as_map(self._source.load(sample_id), size, o.reduce, o.resize, f"maps: the map of sample {sample_id!r}"))
         return torch.stack(maps).to(inputs.device) if maps else inputs.new_zeros((0, *size))
 
     def _check_request(self, sample_id: str, model: Any, image: torch.Tensor, target: int) -> None:

@@ -46,7 +46,7 @@ class LoadedModel:
     @property
     def input_size(self) -> tuple[int, int, int]:
         """(C, H, W) of the model's inputs."""
-        return tuple(self.data_config["input_size"])  # type: ignore[return-value]
+        return tuple(self.data_config["input_size"])
 
     @property
     def mean(self) -> torch.Tensor:

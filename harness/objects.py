@@ -101,7 +101,7 @@ def borrowed(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
                 module._parameters[name] = param
             module._buffers.update(buffers)
             if had_forward:
-                module.forward = forward  # type: ignore[method-assign,assignment]
+                module.forward = forward  # type: ignore[assignment]
             else:
                 module.__dict__.pop("forward", None)
             module.__dict__["_compiled_call_impl"] = compiled
@@ -301,7 +301,7 @@ class CallableAttributor(Attributor):
                                "expected (B, H, W) or (B, C, H, W)")
         size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
         o = self.options
-        maps = [as_map(raw[i], size, o.reduce, o.resize, f"attributor {self.id}: the map of input {i}")  # type: ignore[attr-defined]
+        maps = [as_map(raw[i], size, o.reduce, o.resize, f"attributor {self.id}: the map of input {i}")
                 for i in range(len(inputs))]
         return torch.stack(maps).to(inputs.device)
 

@@ -7,7 +7,7 @@ and updates the result file's ``artifacts`` (atomically) with the paths written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ def artifact_path(out_dir: Path, run_id: str, name: str) -> tuple[Path, str]:
     return path, relative
 
 
-def plot_curves(path: Path, curves: dict[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str) -> None:
+def plot_curves(path: Path, curves: Mapping[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str) -> None:
     """Line plot of one or more curves sampled at evenly spaced fractions 0..1."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)

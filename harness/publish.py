@@ -220,6 +220,7 @@ def _copy_evidence(entry: Entry, out: Path, sample_rows: int) -> None:
                 _warn(f"{source}: artifact {name!r} ({relative}) not published: {reason}")
             entry.left_out.append(f"{name}: {reason}")
             continue
+        assert found is not None  # a missing artifact has a reason
         target = f"{entry.folder}/files/{relative}"
         (out / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(found, out / target)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from harness import __version__
-from harness.components import Attributor, Dataset, Masker, Metric, Summary
+from harness.components import Attributor, Component, Dataset, Masker, Metric, Options, Summary
 from harness.data import Batch, Sample, UnreadableImage, printable, sample_ids_sha256, sample_seed, valid_names
 from harness.errors import HarnessError
 from harness.execution import AUTO, ExecutionMode, metric_batch_size, parse_batch_size
@@ -239,7 +239,9 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
         routed["dataset"]["path"] = data_path
     if paths.get("attributor") is not None:
         routed["attributor"]["path"] = paths["attributor"]
-    built = {kind: build_component(cls, routed.get(kind, {}), kind) for kind, cls in classes.items()}
+    built: dict[str, Component | Options] = {
+        kind: build_component(cls, routed.get(kind, {}), kind) for kind, cls in classes.items()
+    }
     built["model"] = build_options(ModelOptions, routed.get("model", {}), "model")
 
     dataset: Dataset = built["dataset"]  # type: ignore[assignment]

@@ -484,7 +484,7 @@ class Site:
                 css = "" if numeric or value is None else " class=\"text\""
                 cells.append(f"<td{css} data-value=\"{esc(data)}\">{'' if value is None else scalar_text(value)}</td>")
             if nonfinite:
-                bad = record.get("nonfinite") if isinstance(record.get("nonfinite"), dict) else {}
+                bad = found if isinstance(found := record.get("nonfinite"), dict) else {}
                 cells.append(f"<td class=\"text\">{esc(', '.join(f'{k}: {v}' for k, v in bad.items()))}</td>")
             body.append(f"<tr>{''.join(cells)}</tr>")
         shown = len(info.rows)
@@ -612,11 +612,11 @@ class Site:
             facts.append(("citation", esc(info.citation) if info.citation else "none given"))
             parts.append("<dl class=\"facts\">" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>")
             if info.options:
-                rows = "".join(f"<tr><th scope=\"row\"><code>{esc(n)}</code></th><td><code>{esc(t)}</code></td>"
-                               f"<td><code>{esc(d)}</code></td><td>{esc(desc)}</td></tr>" for n, t, d, desc in info.options)
+                option_rows = "".join(f"<tr><th scope=\"row\"><code>{esc(n)}</code></th><td><code>{esc(t)}</code></td>"
+                                      f"<td><code>{esc(d)}</code></td><td>{esc(desc)}</td></tr>" for n, t, d, desc in info.options)
                 parts.append("<h2>Options</h2><div class=\"scroll\"><table class=\"kv\"><thead><tr><th scope=\"col\">"
                              "option</th><th scope=\"col\">type</th><th scope=\"col\">default</th><th scope=\"col\">"
-                             f"description</th></tr></thead><tbody>{rows}</tbody></table></div>")
+                             f"description</th></tr></thead><tbody>{option_rows}</tbody></table></div>")
             else:
                 parts.append("<h2>Options</h2><p>None.</p>")
         entries = sorted(self.components.get((kind, cid), []),
@@ -625,6 +625,7 @@ class Site:
         for e in entries:
             r = e.result
             part = {"metric": r.metric, "attributor": r.attributor, "masker": r.masker}[kind]
+            assert part is not None  # the results listed for a component used it
             value = "n/a" if r.value is None else number(r.value)
             if r.value is not None and r.stderr is not None:
                 value += f" ± {number(r.stderr)}"

@@ -111,6 +111,7 @@ def perturbation_curves(
             rows = slice(row - start, row - start + last - first)
             x, base = inputs[image], baseline[image]
             if soft is None:  # 1 where the region is moved: lerp returns exactly end (moved) or start
+                assert hard is not None  # soft is rendered exactly when there are no hard ranks
                 moved = buffer[1][: stop - start][rows]
                 torch.lt(hard[image], moved_counts[first:last], out=moved.view(-1, height * width))
                 start_, end_ = (base, x) if mode == "insert" else (x, base)

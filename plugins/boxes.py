@@ -89,7 +89,7 @@ def parse_voc_xml(path: Path) -> ImageBoxes:
     def number(node: Any, tag: str) -> float:
         text = node.findtext(tag)
         try:
-            return float(text)  # type: ignore[arg-type]
+            return float(text)
         except (TypeError, ValueError):
             raise HarnessError(f"boxes: {path}: <{tag}> is {text!r}, not a number") from None
 

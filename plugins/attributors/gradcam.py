@@ -87,7 +87,7 @@ class GradCAM(Attributor):
         for start in range(0, len(inputs), model.batch_size):
             x = inputs[start : start + model.batch_size]
             captured: list[torch.Tensor] = []
-            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out if torch.is_tensor(out) else out[0]))
+            handle = layer.register_forward_hook(lambda _m, _i, out, store=captured: store.append(out if torch.is_tensor(out) else out[0]))
             try:
                 with torch.enable_grad():
                     x = x.detach().requires_grad_(True)

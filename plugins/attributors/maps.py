@@ -186,4 +186,4 @@ class MapsAttributor(SampleMapsAttributor):
     Options = PathMapsOptions
 
     def open_source(self) -> MapSource:
-        return open_maps(self.options.path)  # type: ignore[attr-defined]
+        return open_maps(self.options.path)

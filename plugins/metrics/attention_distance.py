@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, cast
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ def unfused(modules: list[nn.Module]) -> Iterator[None]:
     try:
         for m in modules:
             if hasattr(m, "fused_attn"):
-                m.fused_attn = False
+                cast(Any, m).fused_attn = False
         yield
     finally:
         for m, value, had in saved:
@@ -124,6 +124,8 @@ class AttentionDistance(Metric):
         prefix = prefix_tokens(model)
         geometry = patch_grid(model)
         n_patch = tokens - prefix
+        ph: float  # patch stride in pixels
+        pw: float
         if geometry is not None and geometry[0][0] * geometry[0][1] == n_patch:
             (gh, gw), (ph, pw) = geometry
         else:
@@ -163,7 +165,7 @@ class AttentionDistance(Metric):
                 results[index] = (mad.cpu(), mass.cpu())
             return on_probs
 
-        handles = [m.attn_drop.register_forward_hook(hook(i, name, m)) for i, (name, m) in enumerate(modules)]
+        handles = [cast(nn.Module, m.attn_drop).register_forward_hook(hook(i, name, m)) for i, (name, m) in enumerate(modules)]
         try:
             with unfused([m for _, m in modules]), torch.inference_mode():
                 output = root(inputs)

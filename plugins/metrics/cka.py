@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import Field, field_validator
@@ -337,7 +337,7 @@ class CKA(Metric):
         pairs = self.pairs(len(model_ids))
         layers = chunks[0]["layers"]
         chunk_selfs, chunk_pairs = self._tensors(chunks)
-        selfs = [sum(c[m] for c in chunk_selfs) for m in range(len(chunk_selfs[0]))]
+        selfs = [cast(torch.Tensor, sum(c[m] for c in chunk_selfs)) for m in range(len(chunk_selfs[0]))]
         pair_sums = [sum(c[p] for c in chunk_pairs) for p in range(len(chunk_pairs[0]))]
         per_repeat = self._matrices(selfs, pair_sums, pairs)
         means = [m.mean(0) for m in per_repeat]

@@ -23,7 +23,7 @@ import torch
 import harness
 from harness.components import Metric, Options, Summary
 from harness.errors import HarnessError
-from harness.scoring import target_scores
+from harness.scoring import ScoreKind, target_scores
 from harness.stats import mean_stderr
 
 from .insertion_deletion import choose_targets
@@ -66,7 +66,7 @@ def resolve_baseline(attributor: Any, wanted: str) -> str:
     )
 
 
-def resolve_score(attributor: Any, wanted: str) -> str:
+def resolve_score(attributor: Any, wanted: Literal["auto", "logit", "softmax"]) -> ScoreKind:
     """The score F whose difference the attributions should add up to."""
     if wanted != "auto":
         return wanted

@@ -148,8 +148,8 @@ def _jpeg_compression(x: np.ndarray, severity: int, rng: np.random.Generator) ->
 def _pixelate(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     factor = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1]
     height, width = x.shape[:2]
-    small = Image.fromarray(x).resize((max(1, int(width * factor)), max(1, int(height * factor))), Image.BOX)
-    return np.asarray(small.resize((width, height), Image.BOX))
+    small = Image.fromarray(x).resize((max(1, int(width * factor)), max(1, int(height * factor))), Image.Resampling.BOX)
+    return np.asarray(small.resize((width, height), Image.Resampling.BOX))
 
 
 BUILTIN: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] = {
@@ -249,7 +249,7 @@ def imagenet_c_geometry(image: Image.Image, size: int = 224) -> Image.Image:
         new_size = (short, int(short * height / width))
     else:
         new_size = (int(short * width / height), short)
-    resized = image.resize(new_size, Image.BILINEAR)
+    resized = image.resize(new_size, Image.Resampling.BILINEAR)
     width, height = resized.size
     left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
     return resized.crop((left, top, left + size, top + size))

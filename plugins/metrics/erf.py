@@ -136,6 +136,7 @@ class ERF(Metric):
             units, centres = [], []
             for i in hooks.order:
                 t = outputs[i]
+                assert t is not None  # check_once: every hooked layer ran
                 layout = "tokens" if t.dim() == 3 else ("nhwc" if nhwc else "nchw")
                 if t.dim() not in (3, 4):
                     raise HarnessError(f"erf: layer {layers[i]!r} output has shape {tuple(t.shape)}; need a feature map or tokens")
@@ -146,7 +147,7 @@ class ERF(Metric):
             for k, unit in enumerate(units):
                 (g,) = torch.autograd.grad(unit.sum(), inputs, retain_graph=k < len(units) - 1)
                 grads.append(g.detach().abs().sum(1).to(torch.float64))  # (B, H, W)
-        del outputs
+        outputs.clear()
         radii, pooled = [], []
         size = self.options.map_size
         for g, centre in zip(grads, centres):

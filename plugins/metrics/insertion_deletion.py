@@ -98,7 +98,7 @@ class CurveMetric(Metric):
         aucs = [r["values"]["auc"] for r in records]
         value, stderr = mean_stderr(aucs)
         curves = curve_tensor(records)
-        _, _, height, width = (1, *ctx.model.input_size)
+        _, height, width = ctx.model.input_size
         granularity = self.granularity(ctx, height, width)
         return Summary(
             value=value,

@@ -137,7 +137,7 @@ def block_outputs(root: nn.Module) -> list[str]:
 
 
 def _transformer_sublayers(root: nn.Module, block: str) -> list[str]:
-    module = root.get_submodule(block)
+    module: Any = root.get_submodule(block)  # timm blocks: attributes by architecture
     attn = f"{block}.drop_path1" if is_windowed(module.attn) and _has_children(module, "drop_path1") else f"{block}.attn"
     mlp = module.mlp
     hidden = f"{block}.mlp.act" if _has_children(mlp, "act") else (f"{block}.mlp.fc1" if _has_children(mlp, "fc1") else None)
@@ -148,7 +148,7 @@ def _transformer_sublayers(root: nn.Module, block: str) -> list[str]:
 
 
 def _cnn_sublayers(root: nn.Module, block: str) -> list[str]:
-    module = root.get_submodule(block)
+    module: Any = root.get_submodule(block)
     children = dict(module.named_children())
     if _has_children(module, "conv_dw", "norm", "mlp"):  # ConvNeXt
         inner = [f"{block}.norm"] + ([f"{block}.mlp.act"] if _has_children(module.mlp, "act") else [])

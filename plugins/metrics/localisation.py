@@ -165,7 +165,7 @@ class LocalisationMetric(Metric):
     default_attributor: ClassVar[str] = "saliency"
     higher_is_better: ClassVar[bool] = True
     key: ClassVar[str]
-    Options = LocalisationOptions
+    Options: ClassVar[type[Options]] = LocalisationOptions
 
     def _finder(self):
         from harness_plugins.boxes import BoxFinder
@@ -190,11 +190,11 @@ class LocalisationMetric(Metric):
         logits = model.logits(inputs)
         target = choose_targets(logits, batch.labels, self.options.target)
         finder = self._finder()
-        boxes = []
+        boxes: list[Any] = []  # per sample, its boxes in image pixels, or None
         for sample, image in zip(batch.samples, batch.images):
             found = finder.find(sample)
             boxes.append(found.scaled(*image.size) if found is not None and found.boxes else None)
-        records = [
+        records: list[dict[str, Any]] = [
             {"prediction": int(p), "values": {"target": int(t), "box": "missing", self.key: None}}
             for p, t in zip(logits.argmax(1).tolist(), target.tolist())
         ]

@@ -114,6 +114,7 @@ class NormRatio(Metric):
         ratios = []  # per branch: (B, tokens)
         for k in range(len(branches)):
             z, f = norms[2 * k], norms[2 * k + 1]
+            assert z is not None and f is not None  # check_once: every hooked layer ran
             if z.shape != f.shape:
                 raise HarnessError(f"{model.id}: skip and branch of {branches[k][0]!r} differ in shape {tuple(z.shape)} vs {tuple(f.shape)}")
             ratios.append(z / f)  # inf where the branch output is zero

@@ -262,8 +262,8 @@ class Randomiser:
         self.units = units
         self.values = values
         work = working_copy(model)
-        self.copy = dataclasses.replace(model, module=work, weights_sha256=marker, _transform=None) \
-            if dataclasses.is_dataclass(model) else work
+        self.copy: Any = dataclasses.replace(model, module=work, weights_sha256=marker, _transform=None) \
+            if dataclasses.is_dataclass(model) and not isinstance(model, type) else work
         self._work = dict(work.named_parameters()) | dict(work.named_buffers())
         self._original = dict(unwrap(model).named_parameters()) | dict(unwrap(model).named_buffers())
 

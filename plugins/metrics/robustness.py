@@ -46,6 +46,7 @@ from harness_plugins.metrics.corruptions import (
     ALL,
     COMMON,
     SEVERITIES,
+    Corruptor,
     as_released,
     corruptor,
     imagenet_c_geometry,
@@ -161,7 +162,7 @@ class Robustness(Metric):
 
     def __init__(self, options: RobustnessOptions | None = None):
         super().__init__(options)
-        self._corruptor = None
+        self._corruptor: Corruptor | None = None
         self._conditions: list[tuple[str, int]] | None = None
 
     def conditions(self) -> list[tuple[str, int]]:

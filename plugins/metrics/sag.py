@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Generator, Literal
+from typing import Generator, Literal, TypeVar
 
 import torch
 
@@ -25,7 +25,8 @@ from harness.scoring import ScoreKind, target_scores
 
 PatchSet = tuple[int, ...]
 Queries = tuple[str, list[PatchSet]]  # (phase, patch sets)
-Search = Generator[Queries, dict[PatchSet, float], object]
+R = TypeVar("R")
+Search = Generator[Queries, dict[PatchSet, float], R]  # a search that returns an R
 
 
 # -- evaluating patch sets ---------------------------------------------------------------------------
@@ -90,9 +91,9 @@ class ConfidenceOracle:
         for (image, patches), value in zip(todo, values):
             self.cache[image][patches] = value
 
-    def drive(self, searches: dict[int, Search]) -> dict[int, object]:
+    def drive(self, searches: dict[int, Search[R]]) -> dict[int, R]:
         """Run the searches in lockstep: each round answers all their pending queries at once."""
-        results: dict[int, object] = {}
+        results: dict[int, R] = {}
         pending: dict[int, Queries] = {}
         for image, search in searches.items():
             try:
@@ -141,7 +142,7 @@ class SearchResult:
     depth: int
 
 
-def beam_search(ranking: list[int], p0: float, s: SearchSettings) -> Search:
+def beam_search(ranking: list[int], p0: float, s: SearchSettings) -> Search[SearchResult]:
     """Beam search from the empty set for sufficient patch sets (``p > threshold * p0``), pruned to MSEs.
 
     Every beam member is extended by each of its ``candidates`` most important unused patches (in
@@ -157,7 +158,7 @@ def beam_search(ranking: list[int], p0: float, s: SearchSettings) -> Search:
     roots: list[PatchSet] = []
     confidences: dict[PatchSet, float] = {}
     depth = 0
-    for depth in range(1, s.max_depth + 1):
+    for depth in range(1, s.max_depth + 1):  # noqa: B007 - the depth reached is returned
         successors = _successors(beam, ranking, s.candidates, keep_repeats=published)
         if not successors:
             break
@@ -309,7 +310,7 @@ class SubexplanationCount:
     """Subsets the MSEs have one by one (what counting each MSE on its own would evaluate)."""
 
 
-def count_subexplanations(mses: list[PatchSet], p0: float, lowest: float, exhaustive_max: int, max_nodes: int) -> Search:
+def count_subexplanations(mses: list[PatchSet], p0: float, lowest: float, exhaustive_max: int, max_nodes: int) -> Search[SubexplanationCount]:
     """Evaluate the proper non-empty subsets of each MSE, all MSEs of an image together.
 
     MSEs of at most ``exhaustive_max`` patches: every proper subset. Larger ones: the patch deletion

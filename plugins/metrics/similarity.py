@@ -31,8 +31,8 @@ import torch
 
 from harness.errors import HarnessError
 
-SIMILARITIES = ("spearman_abs", "spearman", "ssim", "hog")
 Similarity = Literal["spearman_abs", "spearman", "ssim", "hog"]
+SIMILARITIES: tuple[Similarity, ...] = ("spearman_abs", "spearman", "ssim", "hog")
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ class Subexplanations(Metric):
         if not o.count:
             value, stderr = mean_stderr([r["values"]["n_mses"] for r in records])
             return Summary(value=value, stderr=stderr, values=values)
-        counts = {}
+        counts: dict[str, dict[str, Any]] = {}
         for t in o.count_thresholds:
             key = f"{t:g}"
             mean, err = mean_stderr([r["values"]["counts"][key] for r in records])

@@ -22,8 +22,9 @@ the per-block counts and spectra is written with the result.
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def find_blocks(module: torch.nn.Module) -> list[str]:
         if isinstance(stages, containers) and len(stages) and all(
             isinstance(getattr(s, "blocks", None), containers) for s in stages
         ):
-            return [f"{attr}.{i}.blocks.{j}" for i, s in enumerate(stages) for j in range(len(s.blocks))]
+            return [f"{attr}.{i}.blocks.{j}" for i, s in enumerate(stages) for j in range(len(cast(Sized, s.blocks)))]
     names = []
     for k in range(1, 5):
         stage = getattr(module, f"layer{k}", None)
@@ -145,7 +146,7 @@ class TokenSpectrum(Metric):
             size = stop - start
             per_layer: list[dict[str, Any]] = []
 
-            def hook(_module, _inputs, output, store=per_layer):
+            def hook(_module, _inputs, output, store=per_layer, size=size):
                 tokens = to_tokens(output, prefix, self.options.max_tokens, channels_last)
                 clean, dirty = tokens[:size], tokens[size:]
                 a = spectrum_stats(affinity_spectrum(clean), self.options.threshold, self.options.keep)

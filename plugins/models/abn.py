@@ -102,7 +102,7 @@ class ABNResNet(nn.Module):
         super().__init__()
         import timm
 
-        base = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        base: Any = timm.create_model(arch, pretrained=False, num_classes=num_classes)  # a timm ResNet
         width = base.num_features  # 2048 for bottleneck ResNets
         stage3 = base.feature_info[-2]["num_chs"]  # 1024
         # Registration order = the reference's state-dict order.

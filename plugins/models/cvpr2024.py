@@ -53,7 +53,7 @@ and ``safetensors.torch.save_file``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -143,7 +143,7 @@ def build_convnext_t_3(
     _check(norm, gn_groups)
     if conv_mlp is None:
         conv_mlp = norm != "ln"
-    kwargs = {"kernel_sizes": CONVNEXT_KERNEL}
+    kwargs: dict[str, Any] = {"kernel_sizes": CONVNEXT_KERNEL}
     if conv_mlp:
         kwargs["conv_mlp"] = True
     if norm == "ln":
@@ -167,10 +167,10 @@ def build_swin_t_4(norm: str = "ln", *, gn_groups: int = DEFAULT_GN_GROUPS) -> n
     import timm
 
     _check(norm, gn_groups)
-    kwargs = {"window_size": SWIN_WINDOWS}
+    kwargs: dict[str, Any] = {"window_size": SWIN_WINDOWS}
     if norm != "ln":
         kwargs["norm_layer"] = norm_layers(norm, gn_groups)[1]
-    model = timm.create_model(SWIN_ARCH, pretrained=False, **kwargs)
+    model: Any = timm.create_model(SWIN_ARCH, pretrained=False, **kwargs)  # a timm SwinTransformer
     built = tuple(tuple(stage.blocks[0].attn.window_size) for stage in model.layers)
     if built != tuple((w, w) for w in SWIN_WINDOWS):  # a timm without per-stage window sizes
         raise HarnessError(

@@ -556,7 +556,8 @@ class FAN(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d) and name.startswith("patch_embed.backbone"):
                 _trunc_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d) and ".dwconv." in name:
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 m.weight.normal_(0, math.sqrt(2.0 / fan_out))

@@ -104,7 +104,7 @@ class CaptumAttributor(Attributor):
     """Base of the Captum bridges: builds the Captum object, calls ``attribute()``, reduces channels."""
 
     version: ClassVar[str] = f"1+captum-{LIBRARY_VERSION}"
-    Options = CaptumOptions
+    Options: ClassVar[type[Options]] = CaptumOptions
     method: ClassVar[str] = ""
     per_image: ClassVar[bool] = False
     """One library call per image (random draws, or per-image baseline distributions)."""
@@ -368,7 +368,7 @@ class Occlusion(CaptumAttributor):
 class MaskedAttributor(CaptumAttributor):
     """A perturbation method over a feature mask, with a fill baseline."""
 
-    Options = MaskedOptions
+    Options: ClassVar[type[Options]] = MaskedOptions
 
     def call_kwargs(self, model: LoadedModel, inputs: torch.Tensor, seeds: Sequence[int]) -> dict[str, Any]:
         o = self.options

@@ -68,7 +68,7 @@ class PGCAttributor(Attributor):
     """Base of the pytorch-grad-cam bridges: layer choice, reshape transform, targets, batching."""
 
     version: ClassVar[str] = f"1+grad-cam-{LIBRARY_VERSION}"
-    Options = CAMOptions
+    Options: ClassVar[type[Options]] = CAMOptions
     cam_class: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
     """Draws from numpy's global generator: one call per image, seeded with the image's seed."""

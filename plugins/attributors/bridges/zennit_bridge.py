@@ -81,7 +81,7 @@ def _timm_bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.act3(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
 
 
-class TimmResNetBlockCanonizer(canonizers.AttributeCanonizer):  # type: ignore[misc, name-defined]
+class TimmResNetBlockCanonizer(canonizers.AttributeCanonizer):  # type: ignore[name-defined]
     """Give timm ResNet blocks an explicit ``Sum`` module for the residual addition (as zennit does for torchvision)."""
 
     def __init__(self) -> None:
@@ -97,7 +97,7 @@ class TimmResNetBlockCanonizer(canonizers.AttributeCanonizer):  # type: ignore[m
         return {"forward": forward.__get__(module), "canonizer_sum": zennit_layer.Sum()}
 
 
-class TimmResNetCanonizer(canonizers.CompositeCanonizer):  # type: ignore[misc, name-defined]
+class TimmResNetCanonizer(canonizers.CompositeCanonizer):  # type: ignore[name-defined]
     """Batch norms merged into their convolutions and explicit residual sums, for timm ResNets."""
 
     def __init__(self) -> None:
@@ -124,9 +124,9 @@ def unsupported_parts(net: torch.nn.Module) -> list[str]:
         elif not isinstance(net, VGG):
             problems.add(f"the timm architecture {type(net).__name__}")
     elif family == "torchvision":
-        from torchvision.models import VGG, AlexNet, ResNet
+        import torchvision.models as tv
 
-        if not isinstance(net, (ResNet, VGG, AlexNet)):
+        if not isinstance(net, (tv.ResNet, tv.VGG, tv.AlexNet)):
             problems.add(f"the torchvision architecture {type(net).__name__}")
     for module in net.modules():
         if isinstance(module, UNSUPPORTED_LAYERS) or "Attention" in type(module).__name__:
@@ -142,9 +142,9 @@ def auto_canonizers(net: torch.nn.Module) -> list[Any]:
         if isinstance(net, ResNet):
             return [TimmResNetCanonizer()]
     if _family(net) == "torchvision":
-        from torchvision.models import ResNet
+        import torchvision.models as tv
 
-        if isinstance(net, ResNet):
+        if isinstance(net, tv.ResNet):
             from zennit.torchvision import ResNetCanonizer
 
             return [ResNetCanonizer()]
@@ -192,7 +192,7 @@ class ZennitAttributor(Attributor):
     """Base of the zennit bridges: the composite's ``Gradient`` from the target's one-hot vector."""
 
     version: ClassVar[str] = f"1+zennit-{LIBRARY_VERSION}"
-    Options = RuleOptions
+    Options: ClassVar[type[Options]] = RuleOptions
     composite: ClassVar[str] = ""
     rule_based: ClassVar[bool] = True
     """LRP rules on every layer (architecture checked) rather than modified ReLU gradients."""
@@ -285,7 +285,7 @@ class GuidedBackprop(ZennitAttributor):
     """zennit GuidedBackprop: ReLU gradients clipped to positive values; max-abs over channels."""
 
     id: ClassVar[str] = "zennit.GuidedBackprop"
-    Options = ModifiedGradientOptions
+    Options: ClassVar[type[Options]] = ModifiedGradientOptions
     composite: ClassVar[str] = "GuidedBackprop"
     rule_based = False
 
