@@ -26,7 +26,7 @@ from harness.errors import HarnessError
 from harness.scoring import ScoreKind, target_scores
 from harness.stats import mean_stderr
 
-from .insertion_deletion import choose_targets
+from .explained import explain
 
 CITATION = "Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017"
 BASELINES = ("black", "mean", "blur", "noise")
@@ -107,10 +107,8 @@ class Completeness(Metric):
         kind = resolve_baseline(attributor, self.options.baseline)
         score = resolve_score(attributor, self.options.score)
         model = ctx.model
-        inputs = batch.inputs(model)
-        logits = model.logits(inputs)
-        target = choose_targets(logits, batch.labels, self.options.target)
-        maps = attributor.attribute(model, inputs, target, batch.seeds)
+        done = explain(batch, ctx, self.options.target, attributor)
+        inputs, logits, target, maps = done.inputs, done.logits, done.target, done.maps
         base = baseline_inputs(model, inputs, list(batch.seeds), kind)
         with full_precision():  # F in the precision the attributions were computed in (fp32)
             f_x = target_scores(model.logits(inputs), target, score).double()
@@ -118,8 +116,6 @@ class Completeness(Metric):
         total = maps.detach().reshape(len(maps), -1).double().sum(1)
         delta = f_x - f_base
         gap = (total - delta).abs() / delta.abs()
-        for i, sample in enumerate(batch.samples):
-            ctx.keep_visual(sample.id, image=model.denormalise(inputs[i : i + 1])[0].clamp(0, 1), attribution=maps[i])
         return [
             {
                 "prediction": int(p),

@@ -29,7 +29,7 @@ import harness
 from harness.components import Metric, Options, Summary
 from harness.stats import mean_stderr
 
-from .insertion_deletion import choose_targets
+from .explained import explain
 
 CHALASANI = (
     "Chalasani, Chen, Chowdhury, Wu, Jha. Concise Explanations of Neural Networks using Adversarial "
@@ -97,17 +97,11 @@ class MapMetric(Metric):
         raise NotImplementedError
 
     def evaluate(self, batch, ctx) -> list[dict[str, Any]]:
-        model = ctx.model
-        inputs = batch.inputs(model)
-        logits = model.logits(inputs)
-        target = choose_targets(logits, batch.labels, self.options.target)
-        maps = ctx.attributor.attribute(model, inputs, target, batch.seeds)
-        for i, sample in enumerate(batch.samples):
-            ctx.keep_visual(sample.id, image=model.denormalise(inputs[i : i + 1])[0].clamp(0, 1), attribution=maps[i])
-        values = self.scores(maps)
+        done = explain(batch, ctx, self.options.target)
+        values = self.scores(done.maps)
         return [
             {"prediction": int(p), "values": {"target": int(t), **{k: v[i] for k, v in values.items()}}}
-            for i, (p, t) in enumerate(zip(logits.argmax(1).tolist(), target.tolist()))
+            for i, (p, t) in enumerate(zip(done.logits.argmax(1).tolist(), done.target.tolist()))
         ]
 
     def summarize(self, records, ctx) -> Summary:

@@ -39,7 +39,7 @@ import harness
 from harness.components import Metric, Options, Summary
 from harness.stats import mean_stderr
 
-from .insertion_deletion import choose_targets
+from .explained import explain
 
 YEH = (
     "Yeh, Hsieh, Suggala, Inouye, Ravikumar. On the (In)fidelity and Sensitivity of Explanations. "
@@ -164,12 +164,8 @@ class RobustnessMetric(Metric):
 
     def evaluate(self, batch, ctx) -> list[dict[str, Any]]:
         model = ctx.model
-        inputs = batch.inputs(model)
-        logits = model.logits(inputs)
-        target = choose_targets(logits, batch.labels, self.options.target)
-        maps = ctx.attributor.attribute(model, inputs, target, batch.seeds)
-        for i, sample in enumerate(batch.samples):
-            ctx.keep_visual(sample.id, image=model.denormalise(inputs[i : i + 1])[0].clamp(0, 1), attribution=maps[i])
+        done = explain(batch, ctx, self.options.target)
+        inputs, logits, target, maps = done.inputs, done.logits, done.target, done.maps
         kind, scale = self.draws()
         map_distance, input_distance = copy_distances(
             model, _uncached(ctx.attributor), inputs, maps, target, batch.seeds,
