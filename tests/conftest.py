@@ -88,3 +88,28 @@ def skimage_photo():
 
     root = Path(skimage.data.__file__).parent
     return lambda name: root / name
+
+
+@pytest.fixture
+def modules(tmp_path, monkeypatch):
+    """``modules(name, source)`` writes a uniquely named module on sys.path and returns its import name
+    (for plugin tests that need real importable modules)."""
+    import sys
+    import textwrap
+    import uuid
+
+    folder = tmp_path / "plugin_modules"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    token = uuid.uuid4().hex[:8]
+    made: list[str] = []
+
+    def make(name: str, source: str) -> str:
+        module = f"hp_{token}_{name}"
+        (folder / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+        made.append(module)
+        return module
+
+    yield make
+    for module in made:
+        sys.modules.pop(module, None)

@@ -6,9 +6,6 @@ and through the full registry and CLI with a real (temporary) distribution on sy
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -54,26 +51,6 @@ def metric_plugin(*ids: str) -> str:
     classes = "".join(METRIC.format(cls=f"M{i}", id=mid) for i, mid in enumerate(ids))
     calls = "".join(f"    register(M{i})\n" for i in range(len(ids)))
     return HEADER + classes + "\n@harness.hookimpl\ndef register_metrics(register):\n" + calls
-
-
-@pytest.fixture
-def modules(tmp_path, monkeypatch):
-    """``modules(name, source)`` writes a uniquely named module on sys.path and returns its import name."""
-    folder = tmp_path / "plugin_modules"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    token = uuid.uuid4().hex[:8]
-    made: list[str] = []
-
-    def make(name: str, source: str) -> str:
-        module = f"hp_{token}_{name}"
-        (folder / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
-        made.append(module)
-        return module
-
-    yield make
-    for module in made:
-        sys.modules.pop(module, None)
 
 
 def ep(name: str, value: str) -> metadata.EntryPoint:

@@ -15,9 +15,7 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 import textwrap
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,26 +58,6 @@ from harness.components import ModelSpec
 def register_models(register):
     register(ModelSpec(id="{id}", build=lambda pretrained: None, description="{description}"))
 '''
-
-
-@pytest.fixture
-def modules(tmp_path, monkeypatch):
-    """``modules(name, source)`` writes a uniquely named module on sys.path and returns its import name."""
-    folder = tmp_path / "trust_modules"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    token = uuid.uuid4().hex[:8]
-    made: list[str] = []
-
-    def make(name: str, source: str) -> str:
-        module = f"tp_{token}_{name}"
-        (folder / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
-        made.append(module)
-        return module
-
-    yield make
-    for module in made:
-        sys.modules.pop(module, None)
 
 
 def ep(name: str, value: str) -> metadata.EntryPoint:
