@@ -31,9 +31,9 @@ def cli() -> None:
 @click.option("--model", "models", multiple=True, metavar="ID", help="Model id (repeat for multi-model metrics).")
 @click.option("--metric", metavar="ID", help="Metric id.")
 @click.option("--suite", metavar="NAME", help="Run every entry of a registry.toml suite instead.")
-@click.option("--attributor", metavar="ID", help="Attributor id (metrics that need one; default per metric).")
-@click.option("--masker", metavar="ID", help="Masker id: blur, black, mean, noise (granularity via -o masker.granularity=...).")
-@click.option("--data", default=None, metavar="SPEC", help="samples (default) | imagenet:PATH | folder:PATH.")
+@click.option("--attributor", metavar="ID", help="Attributor id, or maps:PATH for maps computed elsewhere (metrics that need one; default per metric).")
+@click.option("--masker", metavar="ID", help="Masker id: blur, black, mean, noise, road (granularity via -o masker.granularity=...).")
+@click.option("--data", default=None, metavar="SPEC", help="samples (default) | imagenet:PATH | imagenet-c:PATH | folder:PATH.")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
 @click.option("--batch-size", default="auto", show_default=True, metavar="auto|N",
               help="Rows per forward pass and images per metric step. auto: the size fastest per image on this CPU "
