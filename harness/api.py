@@ -86,6 +86,7 @@ def evaluate(
     random_init: bool = False,
     precision: str = "fp32",
     memory_format: str = "auto",
+    fold_batchnorm: bool = True,
     metric_options: Mapping[str, Any] | None = None,
     attributor_options: Mapping[str, Any] | None = None,
     masker_options: Mapping[str, Any] | None = None,
@@ -121,7 +122,7 @@ def evaluate(
         masker: a masker id (``blur``, ``black``, ...), default per metric.
         out: a folder: write ``<run_id>.json`` and ``<run_id>.samples.jsonl`` there (``harness leaderboard``
             reads them). None: nothing is kept on disk (:meth:`Evaluation.save` writes later).
-        batch_size, device, seed, limit, weights, random_init, precision, memory_format, resume, cache,
+        batch_size, device, seed, limit, weights, random_init, precision, memory_format, fold_batchnorm, resume, cache,
             quiet: as the ``harness run`` options of the same names (``weights`` and ``random_init`` apply
             to registered ids only).
         preprocessing: for ``nn.Module`` models: ``input_size`` (C, H, W), ``mean``, ``std`` (and
@@ -218,7 +219,8 @@ def evaluate(
             models=model_ids, metric=metric, attributor=attributor_spec, masker=masker, data=data_spec,
             limit=limit, batch_size=batch_size, device=device, seed=seed, weights=weights_list,
             random_init=random_init, options=pairs, out=folder, resume=resume, quiet=quiet,
-            argv=["harness.evaluate"], cache=cache, execution=ExecutionMode(precision=precision, memory_format=memory_format),
+            argv=["harness.evaluate"], cache=cache, execution=ExecutionMode(precision=precision, memory_format=memory_format,
+                                                                   fold_batchnorm=fold_batchnorm),
             python_objects=tuple(objects),
         )
         with borrowed(modules):

@@ -45,6 +45,9 @@ def cli() -> None:
               help="With --precision bf16/fp16, also run attributors and gradients in it (not faithful; warns).")
 @click.option("--memory-format", type=click.Choice(["auto", "channels_last", "contiguous"]), default="auto", show_default=True,
               help="auto: channels_last for CNNs, contiguous for ViTs (results equal up to float rounding).")
+@click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
+              help="Run plain forward and input-gradient passes of CNNs on a copy with BatchNorm merged into the "
+                   "convolutions (results equal up to float rounding; 1.3x faster on CPU).")
 @click.option("--compile", "compile_model", is_flag=True,
               help="torch.compile the models (pays on long forward-heavy runs; compiling takes tens of seconds).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:K.")
@@ -96,7 +99,8 @@ def run(**kw: Any) -> None:
         cache_dir=kw["cache_dir"],
         in_suite=bool(kw["suite"]),
         execution=ExecutionMode(precision=kw["precision"], memory_format=kw["memory_format"], compile=kw["compile_model"],
-                                reduced_precision_gradients=kw["reduced_precision_gradients"]),
+                                reduced_precision_gradients=kw["reduced_precision_gradients"],
+                                fold_batchnorm=kw["fold_batchnorm"]),
     )
     if kw["suite"]:
         _run_suite(kw["suite"], base, kw["make_plots"])

@@ -13,6 +13,12 @@ Execution modes (``harness run --precision/--memory-format/--compile``):
   faithful (bf16: cosine 0.81 to fp32); ``reduced_precision_gradients`` lifts that, on request. Reduced
   precision changes numbers, so it is part of the run id and recorded in the result.
 * **compile** wraps the module with ``torch.compile`` (in place: module names and hooks keep working).
+* **fold batch norm** (default on) keeps a second copy of a CNN with every eval-mode BatchNorm2d merged
+  into the convolution before it (:mod:`harness.folding`), run by plain forward and input-gradient
+  passes (sweeps, searches, gradient attributors) whenever nothing could tell the difference: no hook
+  on the model, weights unchanged since loading. Float rounding only (logits within 1e-4 relative of
+  the unfolded run, checked on load; input gradients rel L2 ~3e-4 on efficientnet_lite0); 1.27-1.36x
+  faster forward passes on the CPU measured. Not combined with ``compile``.
 
 ``--batch-size auto`` (the default) picks the forward-pass size: on a CPU the size that is fastest
 per image for the model, from a short calibration (uncompiled) cached per model, input size, device,
@@ -31,11 +37,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.folding import FoldedModule
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
@@ -52,6 +61,7 @@ class ExecutionMode:
     memory_format: str = "auto"
     compile: bool = False
     reduced_precision_gradients: bool = False
+    fold_batchnorm: bool = True
 
     def check(self) -> None:
         """One-line errors for values outside the choices."""
@@ -83,7 +93,8 @@ class ExecutionMode:
         """The mode a result recorded (fp32/auto defaults for results written before modes existed)."""
         if not data:
             return cls()
-        return cls(**{k: data[k] for k in ("precision", "memory_format", "compile", "reduced_precision_gradients") if k in data})
+        keys = ("precision", "memory_format", "compile", "reduced_precision_gradients", "fold_batchnorm")
+        return cls(**{k: data[k] for k in keys if k in data})
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,8 @@ class AppliedExecution:
     memory_format: str = "contiguous"
     compile: bool = False
     reduced_precision_gradients: bool = False
+    folded_batchnorm: int = 0
+    """Batch-norm layers merged into convolutions in the model's folded copy (0: no copy)."""
 
 
 # -- memory format -------------------------------------------------------------------------------------
@@ -196,17 +209,32 @@ class FullPrecisionAttributor:
 
 
 # -- applying a mode ------------------------------------------------------------------------------------------
-def apply_execution(module: torch.nn.Module, mode: ExecutionMode, device: torch.device) -> AppliedExecution:
-    """Put ``module`` (on ``device``, eval, frozen) in ``mode``: memory format, autocast, compile."""
+def apply_execution(module: torch.nn.Module, mode: ExecutionMode, device: torch.device,
+                    input_size: tuple[int, ...] | None = None) -> tuple[AppliedExecution, "FoldedModule | None"]:
+    """Put ``module`` (on ``device``, eval, frozen) in ``mode``: memory format, batch-norm folding (a
+    checked copy, made on an input of ``input_size``), autocast, compile."""
+    from harness.folding import fold_batchnorm
+
     mode.check()
     memory_format = resolve_memory_format(mode.memory_format, module)
     if memory_format == "channels_last":
         module.to(memory_format=torch.channels_last)
+    folded = None
+    if mode.fold_batchnorm and not mode.compile and input_size is not None:
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn((2, *input_size), generator=generator).to(device)
+        if memory_format == "channels_last":
+            example = example.contiguous(memory_format=torch.channels_last)
+        folded = fold_batchnorm(module, example)
     if mode.reduced:
         install_autocast(module, device.type, mode.precision, mode.reduced_precision_gradients)
+        if folded is not None:
+            install_autocast(folded.module, device.type, mode.precision, mode.reduced_precision_gradients)
     if mode.compile:
         module.compile(backend=COMPILE_BACKEND)
-    return AppliedExecution(mode.precision, memory_format, mode.compile, mode.reduced_precision_gradients)
+    applied = AppliedExecution(mode.precision, memory_format, mode.compile, mode.reduced_precision_gradients,
+                               folded.folded if folded is not None else 0)
+    return applied, folded
 
 
 # -- batch size ---------------------------------------------------------------------------------------------

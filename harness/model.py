@@ -11,6 +11,7 @@ import torch
 from harness.batching import map_in_chunks
 from harness.components import ModelSpec, Options
 from harness.execution import AppliedExecution, ExecutionMode, apply_execution
+from harness.folding import FoldedModule
 from harness.weights import load_checked, read_state_dict, state_dict_sha256
 
 
@@ -41,7 +42,17 @@ class LoadedModel:
     or ``opencv_linear`` (the published explanation code's ``cv2.resize`` squash to the input size)."""
     execution: AppliedExecution = field(default_factory=AppliedExecution)
     """How the module runs: precision, memory format (``auto`` resolved), compiled or not."""
+    folded: FoldedModule | None = field(default=None, repr=False)
+    """The batch-norm-folded copy of ``module`` (:mod:`harness.folding`), when the mode made one."""
     _transform: Any = field(default=None, repr=False)
+
+    def forward_module(self) -> torch.nn.Module:
+        """The module plain forward and input-gradient passes should call: the batch-norm-folded copy
+        when it computes the same function as ``module`` right now (no hooks, weights unchanged),
+        otherwise ``module`` itself. Code that hooks layers or reads parameters uses ``module``."""
+        if self.folded is not None and self.folded.serves(self.module):
+            return self.folded.module
+        return self.module
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -99,9 +110,10 @@ class LoadedModel:
 
     def logits(self, inputs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """Logits of ``inputs`` without gradients, in chunks of ``chunk_size`` (default batch size)."""
+        forward = self.forward_module()
         with torch.inference_mode():
             return map_in_chunks(
-                len(inputs), chunk_size or self.batch_size, lambda a, b: self.module(inputs[a:b]).float()
+                len(inputs), chunk_size or self.batch_size, lambda a, b: forward(inputs[a:b]).float()
             )
 
     def probs(self, inputs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
@@ -172,7 +184,8 @@ def load_model(
     config = dict(timm.data.resolve_data_config(model=module))
     config.update(spec.data_config)
     digest = state_dict_sha256(module)  # before any change of memory format or compilation
-    applied = apply_execution(module, execution, device) if execution is not None else AppliedExecution()
+    applied, folded = (apply_execution(module, execution, device, tuple(config["input_size"])) if execution is not None
+                       else (AppliedExecution(), None))
     return LoadedModel(
         id=spec.id,
         spec=spec,
@@ -185,4 +198,5 @@ def load_model(
         batch_size=batch_size,
         resize=resize,
         execution=applied,
+        folded=folded,
     )

@@ -23,10 +23,12 @@ def input_gradients(
 ) -> torch.Tensor:
     """d score(target) / d input for every row of ``inputs``, one forward+backward per chunk."""
 
+    forward = model.forward_module()
+
     def chunk(start: int, stop: int) -> torch.Tensor:
         x = inputs[start:stop].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            scores = target_scores(model.module(x), target[start:stop], kind)
+            scores = target_scores(forward(x), target[start:stop], kind)
             (grad,) = torch.autograd.grad(scores.sum(), x)
         return grad
 
@@ -51,6 +53,7 @@ def accumulate_gradients(
     total = n_images * n_samples
     out: torch.Tensor | None = None
     start, size = 0, max(1, model.batch_size)
+    forward = model.forward_module()
     while start < total:
         stop = min(total, start + size)
         rows = torch.arange(start, stop)
@@ -59,7 +62,7 @@ def accumulate_gradients(
             x, target = make_rows(image_index, sample_index)
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                scores = target_scores(model.module(x), target, kind)
+                scores = target_scores(forward(x), target, kind)
                 (grad,) = torch.autograd.grad(scores.sum(), x)
         except Exception as exc:
             from harness.batching import is_out_of_memory

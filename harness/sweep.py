@@ -126,8 +126,10 @@ def perturbation_curves(
             out = fill(out, keep if soft is not None or mode == "insert" else 1 - keep, image_of_row[start:stop])
         return out
 
+    forward = model.forward_module()
+
     def chunk(start: int, stop: int) -> torch.Tensor:
-        return target_scores(model.module(composites(start, stop)), target[image_of_row[start:stop]], score)
+        return target_scores(forward(composites(start, stop)), target[image_of_row[start:stop]], score)
 
     with torch.inference_mode():
         values = map_in_chunks(n_images * per_image, chunk_size or model.batch_size, chunk)

@@ -85,7 +85,7 @@ def igos_masks(
     shadow = mask.double()
     k = o.integration_points
     fractions = (torch.arange(1, k + 1, dtype=torch.float32, device=inputs.device) / k).view(-1, 1, 1, 1)
-    net = model.module
+    net = model.forward_module()
 
     def regulariser(m: torch.Tensor) -> torch.Tensor:
         return o.l1 * (1 - m).abs().flatten(1).mean(1) + o.tv * tv_norm(m, o.tv_beta)

@@ -53,10 +53,12 @@ class RISE(Attributor):
         masks = rise_masks(o.masks, o.cells, o.p, height, width, o.mask_seed).to(inputs.device)
         n_images = len(inputs)
 
+        forward = model.forward_module()
+
         def chunk(start: int, stop: int) -> torch.Tensor:
             rows = torch.arange(start, stop, device=inputs.device)
             image, mask = rows // o.masks, rows % o.masks
-            return target_scores(model.module(inputs[image] * masks[mask]), target[image], o.score)
+            return target_scores(forward(inputs[image] * masks[mask]), target[image], o.score)
 
         with torch.inference_mode():
             scores = map_in_chunks(n_images * o.masks, model.batch_size, chunk).view(n_images, o.masks)

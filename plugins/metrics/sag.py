@@ -84,8 +84,9 @@ class ConfidenceOracle:
                 torch.mul(weights, self.inputs[image], out=segment)
                 segment.add_((1 - weights) * self.baseline[image])
                 row += run
-            return target_scores(self.model.module(composite), self.target[b], self.score)
+            return target_scores(forward(composite), self.target[b], self.score)
 
+        forward = self.model.forward_module()
         with torch.inference_mode():
             values = map_in_chunks(len(todo), self.chunk_size or self.model.batch_size, chunk).tolist()
         for (image, patches), value in zip(todo, values):
