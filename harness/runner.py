@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -76,6 +76,10 @@ class MetricContext:
     run_id: str
     quiet: bool = False
     visual_ids: frozenset[str] = frozenset()
+    samples: list[Sample] = field(default_factory=list)
+    """Every sample of the run, in run order (all ranks alike; for metrics that fit something first)."""
+    load_batches: Callable[[list[Sample]], Iterator[Batch]] | None = None
+    """Batches of chosen samples, loaded as the run loads its own (unreadable ones skipped), --batch-size at a time."""
 
     @property
     def model(self) -> LoadedModel:
@@ -175,6 +179,12 @@ def _component_entry(component: Any) -> dict[str, Any] | None:
     content = getattr(component, "content_identity", None)
     return {"id": component.id, "version": component.version, "options": component.options.model_dump(mode="json"),
             **(content() if callable(content) else {})}
+
+
+def _content_identity(component: Any) -> dict[str, Any]:
+    """What a component reports of its content (``content_identity()``), or nothing."""
+    content = getattr(component, "content_identity", None)
+    return content() if callable(content) else {}
 
 
 def _identity_entry(component: Any) -> dict[str, Any] | None:
@@ -302,6 +312,7 @@ def _identity(
             "options": dataset_options,
             "sample_ids_sha256": sample_ids_sha256(samples),
             "samples_sha256": combined_sha256(digests.sha256[s.id] for s in samples),
+            **_content_identity(built["dataset"]),  # e.g. imagefolder's class mapping (labels are no file content)
         },
         "seed": config.seed,
         # reduced precision changes numbers; fp32 run ids stay as they were (memory format, compile and
@@ -337,6 +348,14 @@ def _load_images(run: ResolvedRun, samples: list[Sample]) -> tuple[list[Sample],
         images.append(image)
         kept.append(sample)
     return kept, images
+
+
+def iter_batches(run: ResolvedRun, samples: list[Sample], size: int) -> Iterator[Batch]:
+    """Batches of ``size`` of ``samples``, loaded and seeded as the run's own (unreadable ones skipped)."""
+    for start in range(0, len(samples), max(1, size)):
+        kept, images = _load_images(run, samples[start : start + size])
+        if kept:
+            yield Batch(samples=kept, images=images, seeds=[sample_seed(run.config.seed, s.id) for s in kept])
 
 
 def replay_config(run: ResolvedRun) -> dict[str, Any] | None:
@@ -378,6 +397,7 @@ def execution_provenance(session: "Session") -> dict[str, Any]:
         "reduced_precision_gradients": session.run.config.execution.reduced_precision_gradients,
         "memory_format": formats[0] if len(set(formats)) == 1 else formats,
         "compile": session.run.config.execution.compile,
+        "folded_batchnorm": [m.execution.folded_batchnorm for m in session.models],
     }
 
 
@@ -471,6 +491,8 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
         run_id=run.run_id,
         quiet=config.quiet,
         visual_ids=frozenset(s.id for s in run.samples[:VISUAL_SAMPLES]),
+        samples=list(run.samples),
+        load_batches=lambda chosen: iter_batches(run, chosen, step),
     )
     samples_file = SamplesFile(out / f"{run.run_id}.samples.jsonl")
     own_file = rank_file(out, run.run_id, world) if world.distributed else samples_file

@@ -1,8 +1,11 @@
-"""Datasets: the bundled ``samples`` photos, ``imagenet:PATH`` and ``folder:PATH``."""
+"""Datasets: the bundled ``samples`` photos, ``imagenet:PATH``, ``folder:PATH`` and ``imagefolder:PATH``."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -10,8 +13,10 @@ from typing import ClassVar
 
 import harness
 from harness.components import Dataset, Options
-from harness.data import Sample, image_files
+from harness.data import IMAGE_SUFFIXES, Sample, image_files, printable
 from harness.errors import HarnessError
+from harness.progress import warn
+from harness_plugins.class_mapping import read_mapping, shown
 
 WNID = re.compile(r"^n\d{8}$")
 
@@ -69,6 +74,104 @@ class FolderImages(Dataset):
     def samples(self) -> list[Sample]:
         root = _root(self.options.path, "folder")
         return [Sample(id=p.relative_to(root).as_posix(), path=str(p)) for p in image_files(root)]
+
+
+class ImageFolderOptions(Options):
+    path: str
+    classes: str = "sorted"
+    """Class indices: ``sorted`` (position in the sorted class folders, as torchvision's ImageFolder),
+    ``imagenet`` (folders are WordNet ids -> the standard ImageNet-1k index) or a mapping FILE."""
+
+
+class ImageFolder(Dataset):
+    """Labelled class folders in torchvision's ImageFolder layout (``imagefolder:PATH``): ``PATH/<class>/**/<image>``.
+
+    The class index of a folder is its position in the sorted list of class folders, as torchvision's
+    ``find_classes`` gives it (``-o dataset.classes=sorted``, the default), or the ImageNet-1k index of
+    its WordNet id (``classes=imagenet``), or what a mapping file says (``classes=FILE``, see
+    ``harness_plugins.class_mapping``). Ids are the relative paths (``cat/001.png``); samples come
+    class by class in that sorted order. Hidden folders (``.name``) are no classes (torchvision counts
+    them; a warning says when one holds images); a class folder without images keeps its index (as
+    torchvision's ``allow_empty=True``) and is named in a warning; images directly in PATH are left
+    out (with a warning). Where the labels come from is part of the run id (``classes_sha256``).
+    """
+
+    id: ClassVar[str] = "imagefolder"
+    Options = ImageFolderOptions
+
+    def samples(self) -> list[Sample]:
+        root = _root(self.options.path, "imagefolder")
+        folders = _class_folders(root)
+        mapping = self._indices(root, folders)
+        self._classes_sha256 = hashlib.sha256(json.dumps(mapping, sort_keys=True).encode("utf-8", "surrogatepass")).hexdigest()
+        found: list[Sample] = []
+        empty: list[str] = []
+        for name in folders:
+            files = image_files(root / name)
+            if not files:
+                empty.append(name)
+            found.extend(Sample(id=p.relative_to(root).as_posix(), path=str(p), label=mapping[name]) for p in files)
+        if not found:
+            raise HarnessError(f"imagefolder: the class folders of {root} hold no images")
+        if empty:
+            warn(f"imagefolder: {len(empty)} class folder(s) hold no image and keep their index: "
+                 f"{', '.join(shown(n) for n in empty[:5])}{' ...' if len(empty) > 5 else ''}")
+        return found
+
+    def content_identity(self) -> dict[str, str]:
+        """The digest of {class folder: index} (part of the run id: a mapping that changes labels changes the id)."""
+        if not hasattr(self, "_classes_sha256"):
+            self.samples()
+        return {"classes_sha256": self._classes_sha256}
+
+    def _indices(self, root: Path, folders: list[str]) -> dict[str, int]:
+        """{class folder: class index} for the folders of ``root``, by ``-o dataset.classes``."""
+        choice = self.options.classes
+        if not choice.strip():
+            raise HarnessError("imagefolder: -o dataset.classes is empty; use sorted, imagenet or a mapping FILE")
+        if choice == "sorted":
+            return {name: i for i, name in enumerate(folders)}
+        if choice == "imagenet":
+            index = {w: i for i, w in enumerate(imagenet_wnids())}
+            source = "the ImageNet-1k WordNet ids (-o dataset.classes=imagenet)"
+        else:
+            index = read_mapping(choice)
+            source = f"the class mapping {printable(choice)}"
+        unknown = [name for name in folders if name not in index]
+        if unknown:
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            raise HarnessError(
+                f"imagefolder: class folder(s) {', '.join(shown(n) for n in unknown[:3])}{more} of {root} "
+                f"are not in {source}"
+            )
+        return {name: index[name] for name in folders}
+
+
+def _class_folders(root: Path) -> list[str]:
+    """The class folder names of ``root``, sorted as torchvision's ``find_classes``, hidden ones left out."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except OSError as exc:
+        raise HarnessError(f"imagefolder: cannot list {root}: {exc.strerror or type(exc).__name__}") from None
+    for name in names:
+        if name.startswith(".") and _holds_images(root / name):
+            warn(f"imagefolder: hidden folder {shown(name)} is no class (its images are left out; "
+                 "torchvision's ImageFolder would count it as a class and shift the indices)")
+    folders = [n for n in names if not n.startswith(".")]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not folders:
+        raise HarnessError(
+            f"imagefolder: {root} has no class folders (expected PATH/<class>/<image>"
+            f"{'; for a flat folder of unlabelled images use --data folder:PATH' if loose else ''})"
+        )
+    if loose:
+        warn(f"imagefolder: {len(loose)} image(s) directly in {root} belong to no class folder and are left out")
+    return folders
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether any image file lies below ``folder`` (stops at the first)."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.rglob("*"))
 
 
 class ImageNetVal(Dataset):
@@ -167,4 +270,5 @@ def _devkit_ids(meta: Path) -> dict[int, str]:
 def register_datasets(register):
     register(SampleImages)
     register(FolderImages)
+    register(ImageFolder)
     register(ImageNetVal)

@@ -5,7 +5,12 @@ patch keys j, where ``A`` is the post-softmax attention with the prefix tokens (
 registers: timm ``num_prefix_tokens``) dropped and each query row renormalised over the patch keys,
 and ``d_ij`` is the Euclidean distance between the grid positions of i and j times the patch size in
 input pixels. The attention mass the patch queries put on prefix tokens is reported separately
-(``prefix_mass``). Values are averaged over images.
+(``prefix_mass``). A patch query whose attention on the patch keys is exactly zero (all its mass on
+prefix tokens, as float32 softmax gives when the prefix logits dominate) has no distance: it is left
+out, not counted as distance 0, and counted in ``excluded_rows``. Across images every remaining patch
+query weighs the same: a head's value is the mean over all kept (image, query) rows, which is the
+average of the per-image values when no row is left out. Each record carries its per-image mean and
+left-out count per head, so the summary is the same after ``--resume`` or a torchrun merge.
 
 Swin (windowed attention), documented convention: distances are measured *within each window*
 between the window-local grid positions of query and key, in input pixels (the stage's token stride,
@@ -50,18 +55,30 @@ def grid_distances(grid_h: int, grid_w: int, stride_h: float, stride_w: float) -
     return torch.cdist(pos, pos)
 
 
-def mean_distance(attn: torch.Tensor, distances: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (batch, head): mean attention distance over patch queries and prefix mass, from (B, H, T, T).
+def distance_sums(attn: torch.Tensor, distances: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (batch, head) from (B, H, T, T): the sum of the patch queries' attention distances, the
+    number of patch queries left out, and the mean prefix mass of the patch queries.
 
-    Prefix rows and columns are dropped and each patch-query row is renormalised over patch keys.
+    Prefix rows and columns are dropped and each patch-query row is renormalised over patch keys; a
+    row whose patch attention is exactly zero (all mass on prefix tokens) has no distance and is left
+    out of the sum and counted instead.
     """
     a = attn.to(torch.float64)
     patch = a[..., prefix:, prefix:]
-    mass = patch.sum(-1)  # (B, H, N)
+    mass = patch.sum(-1)  # (B, H, N); exactly 0 only when every patch entry of the row is 0
+    empty = mass == 0
     weighted = torch.einsum("bhij,ij->bhi", patch, distances.to(a.device))
-    mad = (weighted / mass.clamp_min(1e-300)).mean(-1)
-    prefix_mass = a[..., prefix:, :prefix].sum(-1).mean(-1) if prefix else torch.zeros_like(mad)
-    return mad, prefix_mass
+    row = torch.where(empty, torch.zeros_like(mass), weighted / mass.masked_fill(empty, 1.0))
+    prefix_mass = a[..., prefix:, :prefix].sum(-1).mean(-1) if prefix else torch.zeros_like(mass[..., 0])
+    return row.sum(-1), empty.sum(-1), prefix_mass
+
+
+def pooled_mean(means: list[float | None], kept: list[int]) -> float | None:
+    """The mean over all kept rows from per-image means and kept-row counts (None when none is kept)."""
+    total = sum(k for m, k in zip(means, kept) if m is not None)
+    if total == 0:
+        return None
+    return sum(m * k for m, k in zip(means, kept) if m is not None and k) / total
 
 
 def attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -99,11 +116,13 @@ class AttentionDistance(Metric):
     values: ``mad`` (layers x heads), ``mad_sorted`` (heads sorted per layer), ``layer_mean``,
     ``first_layer_mean``, ``last_layer_mean``, ``prefix_mass`` (layers x heads, share of attention
     patch queries give to CLS/distillation/register tokens; null without prefix tokens), ``layers``,
-    ``windowed`` (per layer), ``convention``.
+    ``windowed`` (per layer), ``convention``, ``excluded_rows`` (layers x heads, over all images:
+    patch queries left out because all their attention was on prefix tokens) and
+    ``excluded_rows_total``. A head whose every query was left out has null ``mad``.
     """
 
     id: ClassVar[str] = "attention_distance"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: queries with no attention on patch tokens are left out, not distance 0
     higher_is_better: ClassVar[bool | None] = None
     citation: ClassVar[str] = CITATION
 
@@ -148,7 +167,8 @@ class AttentionDistance(Metric):
         b = inputs.shape[0]
         input_hw = (inputs.shape[-2], inputs.shape[-1])
         geometry: dict[int, tuple[torch.Tensor, int, bool]] = {}
-        results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        results: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        queries: dict[int, int] = {}  # patch queries per image and layer (all windows of a windowed layer)
 
         def hook(index: int, name: str, module: nn.Module):
             def on_probs(_m, _args, probs: torch.Tensor) -> None:
@@ -158,11 +178,16 @@ class AttentionDistance(Metric):
                     geometry[index] = self._geometry(model, name, module, probs.shape[-1], input_hw)
                 distances, prefix, windowed = geometry[index]
                 with no_autocast(probs.device):
-                    mad, mass = mean_distance(probs, distances, prefix)
-                if windowed:  # (B * windows, H) -> mean over each image's windows
-                    mad = mad.reshape(b, -1, mad.shape[-1]).mean(1)
+                    total, left_out, mass = distance_sums(probs, distances, prefix)
+                windows = probs.shape[0] // b if windowed else 1
+                if windowed:  # (B * windows, H) -> each image's windows together
+                    total = total.reshape(b, -1, total.shape[-1]).sum(1)
+                    left_out = left_out.reshape(b, -1, left_out.shape[-1]).sum(1)
                     mass = mass.reshape(b, -1, mass.shape[-1]).mean(1)
-                results[index] = (mad.cpu(), mass.cpu())
+                queries[index] = windows * (probs.shape[-1] - prefix)
+                kept = queries[index] - left_out
+                mad = torch.where(kept > 0, total / kept.clamp_min(1), torch.full_like(total, float("nan")))
+                results[index] = (mad.cpu(), left_out.cpu(), mass.cpu())
             return on_probs
 
         handles = [cast(nn.Module, m.attn_drop).register_forward_hook(hook(i, name, m)) for i, (name, m) in enumerate(modules)]
@@ -183,39 +208,65 @@ class AttentionDistance(Metric):
         records = []
         for k in range(b):
             values: dict[str, Any] = {
-                "mad": [results[i][0][k].tolist() for i in range(len(modules))],
-                "prefix_mass": [results[i][1][k].tolist() for i in range(len(modules))] if prefix_tokens(model) else None,
+                # per head: the mean over this image's kept patch queries (null when every one was left out)
+                "mad": [[None if math.isnan(v) else v for v in results[i][0][k].tolist()] for i in range(len(modules))],
+                "excluded_rows": [results[i][1][k].tolist() for i in range(len(modules))],
+                "prefix_mass": [results[i][2][k].tolist() for i in range(len(modules))] if prefix_tokens(model) else None,
             }
             if k == 0:
                 values["layers"] = names
                 values["windowed"] = [geometry[i][2] for i in range(len(modules))]
                 values["prefix_tokens"] = prefix_tokens(model)
+                values["queries"] = [queries[i] for i in range(len(modules))]
             records.append({"prediction": prediction[k], "values": values})
         return records
 
     def summarize(self, records, ctx) -> Summary:
         head = next(r["values"] for r in records if "layers" in r["values"])
         layers, windowed = head["layers"], head["windowed"]
-        per_image = [[torch.tensor(row, dtype=torch.float64) for row in r["values"]["mad"]] for r in records]
-        mad = [torch.stack([img[l] for img in per_image]).mean(0) for l in range(len(layers))]
-        overall = [float(torch.cat(img).mean()) for img in per_image]
-        value, stderr = mean_stderr(overall)
+        queries = head["queries"]
+        heads = [len(row) for row in records[0]["values"]["mad"]]
+        mad: list[list[float | None]] = []
+        excluded: list[list[int]] = []
+        for l in range(len(layers)):
+            mad.append([])
+            excluded.append([])
+            for h in range(heads[l]):
+                means = [r["values"]["mad"][l][h] for r in records]
+                left_out = [int(r["values"]["excluded_rows"][l][h]) for r in records]
+                mad[l].append(pooled_mean(means, [queries[l] - e for e in left_out]))
+                excluded[l].append(sum(left_out))
+        defined = [v for row in mad for v in row if v is not None]
+        if not defined:
+            raise HarnessError(
+                "attention_distance: every patch query of every image put all its attention on prefix tokens "
+                "(no attention distance is defined)"
+            )
+        value = sum(defined) / len(defined)
+        overall = []  # per image: the mean over its heads (heads whose every query was left out are skipped)
+        for r in records:
+            kept = [v for row in r["values"]["mad"] for v in row if v is not None]
+            if kept:
+                overall.append(sum(kept) / len(kept))
+        _, stderr = mean_stderr(overall)
         prefix = None
         if records[0]["values"].get("prefix_mass") is not None:
             prefix = [
                 torch.tensor([r["values"]["prefix_mass"][l] for r in records], dtype=torch.float64).mean(0).tolist()
                 for l in range(len(layers))
             ]
-        layer_mean = [float(m.mean()) for m in mad]
+        layer_mean = [sum(k) / len(k) if k else None for k in ([v for v in row if v is not None] for row in mad)]
         values = {
             "layers": layers,
-            "mad": [m.tolist() for m in mad],
-            "mad_sorted": [sorted(m.tolist()) for m in mad],
+            "mad": mad,
+            "mad_sorted": [sorted(v for v in row if v is not None) for row in mad],
             "layer_mean": layer_mean,
             "first_layer_mean": layer_mean[0],
             "last_layer_mean": layer_mean[-1],
             "prefix_mass": prefix,
             "prefix_tokens": head.get("prefix_tokens", 0),
+            "excluded_rows": excluded,
+            "excluded_rows_total": sum(map(sum, excluded)),
             "windowed": windowed,
             "unit": "px",
             "convention": (
