@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, Callable, ClassVar, Literal, cast
 
 import torch
 from pydantic import Field, field_validator
@@ -134,6 +134,60 @@ def headline(matrix: torch.Tensor, same: bool) -> float:
     return float(best.mean()) if best.numel() else math.nan
 
 
+# -- chunks in records (shared with spatial_localisation) ---------------------------------------------------
+def minibatch_plan(n: int, c: int) -> tuple[int, int, int]:
+    """(full minibatches, minibatch size used, batches computed) for a chunk of ``c`` images, minibatch ``n``.
+
+    A chunk smaller than one minibatch (the last one, or all the data) is computed as one batch of its
+    own size (if >= 4); :func:`collect_chunks` uses such chunks only when the run has no full minibatch.
+    """
+    nb = c // n
+    return (nb, n, nb) if nb else (0, c, 1 if c >= 4 else 0)
+
+
+def chunk_records(chunk: dict[str, Any] | None, prediction: list[Any], n: int, nb: int) -> list[dict[str, Any]]:
+    """One record per image of a chunk; the first carries the chunk's sums (``chunk``)."""
+    records = []
+    for k in range(len(prediction)):
+        values: dict[str, Any] = {"minibatch": n, "in_batch": k < nb * n}
+        if k == 0:
+            values["chunk"] = chunk
+        records.append({"prediction": prediction[k], "values": values})
+    return records
+
+
+def collect_chunks(records: list[dict[str, Any]], metric: str, label: str,
+                   same: Callable[[dict[str, Any]], Any]) -> tuple[list[dict[str, Any]], int, str | None]:
+    """(chunks to use, minibatch n, note) from records: full minibatches only, or the small-data fallback.
+
+    ``same(chunk)`` must agree across the chunks used (the layers a run compares).
+    """
+    sizes = {r["values"].get("minibatch") for r in records}
+    if len(sizes) > 1:
+        raise HarnessError(
+            f"the samples file mixes {label} minibatch sizes {sorted(sizes)}: resume with the same --batch-size "
+            "(or -o metric.minibatch) or start a fresh --out"
+        )
+    n = sizes.pop() if sizes else 0
+    chunks = [r["values"]["chunk"] for r in records if r["values"].get("chunk")]
+    full = [ch for ch in chunks if not ch.get("partial")]
+    note = None
+    if not full and chunks:
+        used = sum(ch["n"] for ch in chunks)
+        note = (f"fewer than {n} images: each chunk of fewer images was used as one minibatch of its own size "
+                f"({', '.join(str(ch['n']) for ch in chunks)}; {used} images)")
+        full = chunks
+    if not full:
+        raise HarnessError(
+            f"{metric} needs at least one minibatch of 4 or more images (minibatch {n}), got {len(records)} image(s)"
+        )
+    first = same(full[0])
+    for ch in full[1:]:
+        if same(ch) != first:
+            raise HarnessError(f"the samples file mixes {label} runs over different layers; start a fresh --out")
+    return full, n, note
+
+
 # -- options ------------------------------------------------------------------------------------------------
 class CKAOptions(Options):
     layers: list[str] = ["default"]
@@ -247,10 +301,7 @@ class CKA(Metric):
     def evaluate(self, batch, ctx) -> list[dict[str, Any]]:
         n = self._n(ctx.batch_size)
         c = len(batch)
-        nb = c // n
-        # A chunk smaller than one minibatch (the last one, or all the data) is computed as one batch of
-        # its own size (if >= 4); summarize() uses such chunks only when the run has no full minibatch.
-        size, batches_here = (n, nb) if nb else (c, 1 if c >= 4 else 0)
+        nb, size, batches_here = minibatch_plan(n, c)
         ids = [s.id for s in batch.samples]
         names, chunk_grams, prediction = [], [], [None] * c
         chunk: dict[str, Any] | None = None
@@ -281,41 +332,12 @@ class CKA(Metric):
                 "hsic_self": [s.tolist() for s in self_sums],
                 "hsic_pairs": [s.tolist() for s in pair_sums],
             }
-        records = []
-        for k in range(c):
-            values: dict[str, Any] = {"minibatch": n, "in_batch": k < nb * n}
-            if k == 0:
-                values["chunk"] = chunk
-            records.append({"prediction": prediction[k], "values": values})
-        return records
+        return chunk_records(chunk, prediction, n, nb)
 
     # -- summary ------------------------------------------------------------------------------------------
     def _collect(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, str | None]:
         """(chunks to use, minibatch n, note): full minibatches only, or the small-data fallback."""
-        sizes = {r["values"].get("minibatch") for r in records}
-        if len(sizes) > 1:
-            raise HarnessError(
-                f"the samples file mixes CKA minibatch sizes {sorted(sizes)}: resume with the same --batch-size "
-                "(or -o metric.minibatch) or start a fresh --out"
-            )
-        n = sizes.pop() if sizes else 0
-        chunks = [r["values"]["chunk"] for r in records if r["values"].get("chunk")]
-        full = [ch for ch in chunks if not ch.get("partial")]
-        note = None
-        if not full and chunks:
-            used = sum(ch["n"] for ch in chunks)
-            note = (f"fewer than {n} images: each chunk of fewer images was used as one minibatch of its own size "
-                    f"({', '.join(str(ch['n']) for ch in chunks)}; {used} images)")
-            full = chunks
-        if not full:
-            raise HarnessError(
-                f"cka needs at least one minibatch of 4 or more images (minibatch {n}), got {len(records)} image(s)"
-            )
-        first = full[0]["layers"]
-        for ch in full[1:]:
-            if ch["layers"] != first:
-                raise HarnessError("the samples file mixes CKA runs over different layers; start a fresh --out")
-        return full, n, note
+        return collect_chunks(records, "cka", "CKA", lambda ch: ch["layers"])
 
     @staticmethod
     def _tensors(chunks: list[dict[str, Any]]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
