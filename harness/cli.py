@@ -61,17 +61,21 @@ def cli() -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Attribution cache folder (default: $HARNESS_CACHE_DIR or ~/.cache/harness/attributions).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write cached attributions.")
 @click.option("--plot", "make_plots", is_flag=True, help="Also write the metric's PNG plots (as `harness plot`).")
-@click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True, help="torchrun: start --nproc processes that shard the samples (gloo on CPU, NCCL on GPUs).")
-@click.option("--nproc", type=int, default=2, show_default=True, help="Processes per node with --launcher torchrun.")
+@click.option("--launcher", type=click.Choice(["none", "local", "torchrun"]), default="none", show_default=True,
+              help="Start --nproc processes that shard the samples (gloo on CPU, NCCL on GPUs): local starts them "
+                   "directly (faster start), torchrun through torch.distributed.run.")
+@click.option("--nproc", type=int, default=2, show_default=True, help="Processes with --launcher local or torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(**kw: Any) -> None:
     """Run a metric on models and data; write <out>/<run_id>.json and its samples file."""
     from harness.execution import ExecutionMode, parse_batch_size
     from harness.runner import RunConfig
 
-    if kw["launcher"] == "torchrun":
-        _launch_torchrun(kw["nproc"])
-        return
+    if kw["launcher"] != "none":
+        from harness.launch import launch_local, launch_torchrun, strip_launcher_args
+
+        launch = launch_local if kw["launcher"] == "local" else launch_torchrun
+        sys.exit(launch(kw["nproc"], strip_launcher_args(_RAW_ARGS)))
 
     if bool(kw["suite"]) == bool(kw["metric"]):
         raise HarnessError("give either --metric (with --model) or --suite")
@@ -106,27 +110,6 @@ def run(**kw: Any) -> None:
         _run_suite(kw["suite"], base, kw["make_plots"])
     else:
         _run_one(base, kw["make_plots"])
-
-
-def _launch_torchrun(nproc: int) -> None:
-    """Re-run this command under ``torch.distributed.run`` with ``nproc`` processes."""
-    import subprocess
-
-    if nproc < 1:
-        raise HarnessError(f"--nproc must be at least 1, got {nproc}")
-    args, skip = [], False
-    for arg in _RAW_ARGS:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--launcher", "--nproc"):
-            skip = True
-            continue
-        if arg.startswith(("--launcher=", "--nproc=")):
-            continue
-        args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "harness", *args]
-    sys.exit(subprocess.call(command))
 
 
 def _summary_line(path: Path) -> str:

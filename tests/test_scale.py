@@ -49,11 +49,12 @@ RUN = ("run", "--model", "test_resnet", "--random-init", "--metric", "insertion"
        "--quiet", "--no-cache")
 
 
-def test_two_process_torchrun_equals_one_process(image_folder, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "local"])
+def test_two_process_run_equals_one_process(image_folder, tmp_path, launcher):
     single, double = tmp_path / "one", tmp_path / "two"
     common = [*RUN, "--data", f"folder:{image_folder}", "--batch-size", "2"]
     subprocess.run(harness_cmd(*common, "--out", single), check=True, env=env(), capture_output=True, timeout=300)
-    res = subprocess.run(harness_cmd(*common, "--out", double, "--launcher", "torchrun", "--nproc", "2"),
+    res = subprocess.run(harness_cmd(*common, "--out", double, "--launcher", launcher, "--nproc", "2"),
                          env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     a, lines_a = result_and_lines(single)
@@ -64,6 +65,26 @@ def test_two_process_torchrun_equals_one_process(image_folder, tmp_path):
     assert len(lines_b) == 9
     assert not list(double.glob("*.rank*"))  # the ranks' files were merged away
     assert res.stdout.count("insertion test_resnet") == 1  # only rank 0 reports
+
+
+def test_local_launcher_stops_the_other_workers_and_passes_the_failure_on(tmp_path):
+    """Every rank fails on a missing data folder: one line each, a non-zero exit, no process left."""
+    res = subprocess.run(harness_cmd(*RUN, "--data", f"folder:{tmp_path / 'missing'}", "--out", tmp_path / "out",
+                                     "--launcher", "local", "--nproc", "2"), env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "is not a folder" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_local_launcher_environment_matches_torchrun():
+    from harness.launch import strip_launcher_args, worker_environments
+
+    envs = worker_environments(2, 29555, {"PATH": "/bin"})
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["MASTER_PORT"]) for e in envs] == [
+        ("0", "0", "2", "29555"), ("1", "1", "2", "29555")]
+    assert all(e["MASTER_ADDR"] == "127.0.0.1" and e["PATH"] == "/bin" and int(e["OMP_NUM_THREADS"]) >= 1 for e in envs)
+    assert worker_environments(2, 1, {"OMP_NUM_THREADS": "3"})[1]["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+    assert strip_launcher_args(["run", "--launcher", "local", "--nproc=2", "--model", "m", "--launcher=torchrun"]) == [
+        "run", "--model", "m"]
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_result(image_folder, tmp_path):

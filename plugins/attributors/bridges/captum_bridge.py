@@ -27,6 +27,7 @@ other images) and the layer/neuron methods (not input-space maps).
 from __future__ import annotations
 
 import warnings
+from importlib import metadata
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
@@ -54,7 +55,10 @@ from harness_plugins.attributors.bridges.common import (
 captum = require("captum", "Captum", "captum")
 captum_attr = require("captum.attr", "Captum", "captum")
 
-LIBRARY_VERSION = str(getattr(captum, "__version__", "unknown"))
+try:
+    LIBRARY_VERSION = metadata.version("captum")  # without importing Captum (see common.LazyModule)
+except metadata.PackageNotFoundError:
+    LIBRARY_VERSION = "unknown"
 NOISY_WARNINGS = (
     r"Input Tensor \d+ did not already require gradients",
     r"Setting forward, backward hooks and attributes on non-linear",

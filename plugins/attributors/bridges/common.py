@@ -38,14 +38,52 @@ class MissingLibrary(ImportError):
         super().__init__(f"{library} {reason}; install it with: {self.install}")
 
 
-def require(module: str, library: str, extra: str) -> ModuleType:
-    """``import module``, or raise :class:`MissingLibrary` naming ``pip install "harness[extra]"``."""
+def _installed(module: str) -> bool:
+    """Whether ``module``'s top-level package can be found, without importing it."""
+    import importlib.util
+    import sys
+
+    top = module.split(".")[0]
+    if top in sys.modules:
+        return sys.modules[top] is not None
     try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        missing = getattr(exc, "name", None)
-        detail = "" if missing == module.split(".")[0] else " ".join(str(exc).split())
-        raise MissingLibrary(library, extra, detail) from exc
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class LazyModule(ModuleType):
+    """A bridged library module imported on first use (importing pytorch-grad-cam, Captum and zennit
+    costs seconds of every ``harness`` command's start-up, and every rank's in a distributed run)."""
+
+    def __init__(self, module: str, library: str, extra: str):
+        super().__init__(module)
+        self._target = (module, library, extra)
+        self._loaded: ModuleType | None = None
+
+    def _load(self) -> ModuleType:
+        if self._loaded is None:
+            module, library, extra = self._target
+            try:
+                self._loaded = importlib.import_module(module)
+            except ImportError as exc:
+                missing = getattr(exc, "name", None)
+                detail = "" if missing == module.split(".")[0] else " ".join(str(exc).split())
+                raise MissingLibrary(library, extra, detail) from exc
+        return self._loaded
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return getattr(self._load(), name)
+
+
+def require(module: str, library: str, extra: str) -> ModuleType:
+    """``module``, imported on first use; :class:`MissingLibrary` (naming ``pip install "harness[extra]"``)
+    right away when its package is not installed, or on first use when it cannot be imported."""
+    if not _installed(module):
+        raise MissingLibrary(library, extra)
+    return LazyModule(module, library, extra)
 
 
 # -- baselines -------------------------------------------------------------------------------------------

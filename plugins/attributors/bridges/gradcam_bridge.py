@@ -394,7 +394,26 @@ ALL: tuple[type[PGCAttributor], ...] = (
     GradCAM, HiResCAM, GradCAMElementWise, XGradCAM, GradCAMPlusPlus, LayerCAM, EigenCAM, EigenGradCAM,
     ShapleyCAM, SegEigenCAM, ScoreCAM, AblationCAM, KPCA_CAM, FEM, RandomCAM, FullGrad, FinerCAM, RefineCAM, SESS,
 )
-BRIDGED: tuple[type[PGCAttributor], ...] = tuple(cls for cls in ALL if hasattr(pgc, cls.cam_class))
+
+
+def _shipped(names: Sequence[str]) -> set[str]:
+    """Which of ``names`` the installed pytorch-grad-cam exports, read from its ``__init__.py`` without
+    importing it (the import takes seconds: it pulls in torchvision and OpenCV); imported if unreadable."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("pytorch_grad_cam")
+        assert spec is not None and spec.origin is not None
+        with open(spec.origin, encoding="utf-8") as handle:
+            source = handle.read()
+    except (AssertionError, OSError, ImportError, ValueError, UnicodeDecodeError):
+        return {name for name in names if hasattr(pgc, name)}
+    return {name for name in names if re.search(rf"\bimport\b[^\n]*\b{re.escape(name)}\b", source)}
+
+
+_SHIPPED = _shipped([cls.cam_class for cls in ALL])
+BRIDGED: tuple[type[PGCAttributor], ...] = tuple(cls for cls in ALL if cls.cam_class in _SHIPPED)
 """The methods the installed pytorch-grad-cam ships (older releases lack e.g. FinerCAM, SESS)."""
 
 

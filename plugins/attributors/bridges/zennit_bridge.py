@@ -17,6 +17,7 @@ they are; residual additions written inside a custom ``forward`` are invisible t
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -81,27 +82,38 @@ def _timm_bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.act3(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
 
 
-class TimmResNetBlockCanonizer(canonizers.AttributeCanonizer):  # type: ignore[name-defined]
-    """Give timm ResNet blocks an explicit ``Sum`` module for the residual addition (as zennit does for torchvision)."""
+@functools.cache
+def _timm_canonizer_class() -> type:
+    """The canonizer classes, defined on first use (they subclass zennit's, and importing zennit
+    imports torchvision: seconds of every command's start-up)."""
 
-    def __init__(self) -> None:
-        super().__init__(self._attribute_map)
+    class TimmResNetBlockCanonizer(canonizers.AttributeCanonizer):  # type: ignore[name-defined]
+        """Give timm ResNet blocks an explicit ``Sum`` module for the residual addition (as zennit does for torchvision)."""
 
-    @staticmethod
-    def _attribute_map(name: str, module: torch.nn.Module) -> dict[str, Any] | None:
-        from timm.models.resnet import BasicBlock, Bottleneck
+        def __init__(self) -> None:
+            super().__init__(self._attribute_map)
 
-        forward = {BasicBlock: _timm_basic_forward, Bottleneck: _timm_bottleneck_forward}.get(type(module))
-        if forward is None:
-            return None
-        return {"forward": forward.__get__(module), "canonizer_sum": zennit_layer.Sum()}
+        @staticmethod
+        def _attribute_map(name: str, module: torch.nn.Module) -> dict[str, Any] | None:
+            from timm.models.resnet import BasicBlock, Bottleneck
+
+            forward = {BasicBlock: _timm_basic_forward, Bottleneck: _timm_bottleneck_forward}.get(type(module))
+            if forward is None:
+                return None
+            return {"forward": forward.__get__(module), "canonizer_sum": zennit_layer.Sum()}
+
+    class TimmResNetCanonizer(canonizers.CompositeCanonizer):  # type: ignore[name-defined]
+        """Batch norms merged into their convolutions and explicit residual sums, for timm ResNets."""
+
+        def __init__(self) -> None:
+            super().__init__((canonizers.SequentialMergeBatchNorm(), TimmResNetBlockCanonizer()))
+
+    return TimmResNetCanonizer
 
 
-class TimmResNetCanonizer(canonizers.CompositeCanonizer):  # type: ignore[name-defined]
-    """Batch norms merged into their convolutions and explicit residual sums, for timm ResNets."""
-
-    def __init__(self) -> None:
-        super().__init__((canonizers.SequentialMergeBatchNorm(), TimmResNetBlockCanonizer()))
+def TimmResNetCanonizer() -> Any:  # noqa: N802 - used like the class it builds
+    """A canonizer for timm ResNets: batch norms merged into their convolutions and explicit residual sums."""
+    return _timm_canonizer_class()()
 
 
 def _family(net: torch.nn.Module) -> str:
