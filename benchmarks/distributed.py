@@ -1,4 +1,5 @@
-"""The same `harness run` as 1 process x T threads and as T torchrun processes x 1 thread (gloo).
+"""The same `harness run` as 1 process x T threads and as T processes x 1 thread (gloo; `--launcher local`
+by default, `--launcher torchrun` to start them through torchrun).
 
 Both evaluate the insertion metric (saliency, blur, `--steps` points) of a random-init timm model
 on N copies of scikit-image photos with the attribution cache off and the same explicit
@@ -25,11 +26,11 @@ import time
 from pathlib import Path
 
 
-def run(common: list[str], out: Path, procs: int, threads: int, limit: int | None) -> float:
+def run(common: list[str], out: Path, procs: int, threads: int, limit: int | None, launcher: str = "local") -> float:
     """Wall seconds of one `harness run` with ``procs`` processes of ``threads`` threads each."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                OMP_WAIT_POLICY="PASSIVE")
-    extra = ["--launcher", "torchrun", "--nproc", str(procs)] if procs > 1 else []
+    extra = ["--launcher", launcher, "--nproc", str(procs)] if procs > 1 else []
     start = time.perf_counter()
     subprocess.run([*common, "--out", str(out), *extra, *(["--limit", str(limit)] if limit else [])],
                    check=True, env=env, capture_output=True)
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="insertion steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--procs", type=int, default=2, help="processes on the distributed side = threads on the other")
+    parser.add_argument("--launcher", default="local", choices=["local", "torchrun"],
+                        help="how the processes start (harness run --launcher; default local)")
     parser.add_argument("--startup-images", type=int, default=2, help="images of the start-up-cost runs (0: skip)")
     args = parser.parse_args()
 
@@ -70,8 +73,9 @@ def main() -> None:
     timings, startup = {}, {}
     for name, (procs, threads) in sides.items():
         if args.startup_images:
-            startup[name] = run(common, work / f"startup-{name}", procs, threads, args.startup_images * args.procs)
-        timings[name] = run(common, work / f"out-{name}", procs, threads, None)
+            startup[name] = run(common, work / f"startup-{name}", procs, threads, args.startup_images * args.procs,
+                                args.launcher)
+        timings[name] = run(common, work / f"out-{name}", procs, threads, None, args.launcher)
         print(f"{procs} process(es) x {threads} thread(s): {timings[name]:.1f} s for {args.n} images"
               + (f" (start-up run on {args.startup_images * args.procs} images: {startup[name]:.1f} s)" if startup else ""), flush=True)
     one, many = (curves(work / f"out-{name}") for name in sides)
@@ -82,7 +86,7 @@ def main() -> None:
     t1, t2 = timings["1proc"], timings[f"{args.procs}proc"]
     result = {
         "benchmark": "distributed", "speedup": round(t1 / t2, 3), "time_1proc_s": round(t1, 2),
-        f"time_{args.procs}proc_s": round(t2, 2), "procs": args.procs, "threads_1proc": args.procs, "threads_per_process": 1,
+        f"time_{args.procs}proc_s": round(t2, 2), "procs": args.procs, "launcher": args.launcher, "threads_1proc": args.procs, "threads_per_process": 1,
         "n_images": args.n, "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
         "agree": same, "largest_difference": worst, "cpu_count": os.cpu_count(),
         "load_average_1min": [round(load1, 2), round(os.getloadavg()[0], 2)],

@@ -68,8 +68,16 @@ class DatasetKey:
 
 
 def dataset_key(result: Result) -> DatasetKey:
-    """The full sample-set identity of a result."""
-    content = (result.dataset.model_extra or {}).get("samples_sha256")
+    """The full sample-set identity of a result. A dataset's ``content_identity`` (e.g. imagefolder's
+    class mapping: the same images with other labels) is folded into the content digest."""
+    extra = result.dataset.model_extra or {}
+    content = extra.get("samples_sha256")
+    identity = extra.get("content_identity")
+    if content is not None and isinstance(identity, dict) and identity:
+        import hashlib
+        import json
+
+        content = hashlib.sha256(json.dumps([content, identity], sort_keys=True).encode()).hexdigest()
     return DatasetKey(result.dataset.id, result.dataset.sample_ids_sha256, content)
 
 

@@ -661,6 +661,7 @@ def finish(session: Session, reg: Registry, started: float, started_at: str) -> 
             "sample_ids_sha256": sample_ids_sha256(run.samples),
             "samples_sha256": run.identity["dataset"]["samples_sha256"],
             "options": run.identity["dataset"]["options"],
+            **({"content_identity": content} if (content := _content_identity(run.dataset)) else {}),
         },
         value=summary.value,
         stderr=summary.stderr,

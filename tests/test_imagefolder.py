@@ -308,3 +308,22 @@ def test_robustness_uses_the_folder_labels(tmp_path, imagenet_photos):
                             "-o", "metric.backend=builtin", "-o", "metric.corruptions=contrast", "-o", "metric.severities=[1]")
     assert [line["label"] for line in lines] == [285, 967]
     assert result["values"]["clean_accuracy"] == 1.0
+
+
+def test_leaderboard_keeps_runs_with_other_mappings_apart(tmp_path):
+    """The same images under two class mappings are two sample sets, never one table."""
+    root = make_labelled_folder(tmp_path / "data", classes=2, per_class=2, size=32)
+    mapping = tmp_path / "swap.json"
+    mapping.write_text(json.dumps({name: i for i, name in enumerate(sorted(p.name for p in root.iterdir())[::-1])}))
+    out = tmp_path / "out"
+    for options in ((), ("-o", f"dataset.classes={mapping}")):
+        res = run_cli("run", "--model", "test_resnet", "--random-init", "--metric", "accuracy", "--data",
+                      f"imagefolder:{root}", *options, "--out", str(out), "--batch-size", "4", "--quiet")
+        assert res.exit_code == 0, res.stderr
+    results = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert len(results) == 2 and all("classes_sha256" in r["dataset"]["content_identity"] for r in results)
+    board = run_cli("leaderboard", str(out), "--format", "json")
+    assert board.exit_code == 0, board.stderr
+    data = json.loads(board.stdout)
+    tables = data["tables"] if isinstance(data, dict) and "tables" in data else data
+    assert len(tables) == 2
