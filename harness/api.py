@@ -104,7 +104,7 @@ def evaluate(
         model: a registered id (``"resnet50"``, any timm name), or an ``nn.Module`` (a user model: its row
             names the class, marked ``[user model <parameters digest>]``); a list for multi-model metrics.
             The module is handed back as it was (training mode, ``requires_grad``, device).
-        data: an id/spec (``"samples"``, ``"imagenet:PATH"``, ``"folder:PATH"``); an ``(images, labels)``
+        data: an id/spec (``"samples"``, ``"imagenet:PATH"``, ``"folder:PATH"``, ``"imagefolder:PATH"``); an ``(images, labels)``
             batch (tensors or arrays, images (N, C, H, W), labels (N,) or None) or images alone; a map-style
             ``torch.utils.data.Dataset`` or a ``DataLoader`` yielding ``(image, label)``. Tensor images are
             taken as already preprocessed (normalised with the model's mean and std); PIL images go through

@@ -33,7 +33,7 @@ def cli() -> None:
 @click.option("--suite", metavar="NAME", help="Run every entry of a registry.toml suite instead.")
 @click.option("--attributor", metavar="ID", help="Attributor id, or maps:PATH for maps computed elsewhere (metrics that need one; default per metric).")
 @click.option("--masker", metavar="ID", help="Masker id: blur, black, mean, noise, road (granularity via -o masker.granularity=...).")
-@click.option("--data", default=None, metavar="SPEC", help="samples (default) | imagenet:PATH | imagenet-c:PATH | folder:PATH.")
+@click.option("--data", default=None, metavar="SPEC", help="samples (default) | imagenet:PATH | imagenet-c:PATH | folder:PATH | imagefolder:PATH (class sub-folders; -o dataset.classes=sorted|imagenet|FILE).")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
 @click.option("--batch-size", default="auto", show_default=True, metavar="auto|N",
               help="Rows per forward pass and images per metric step. auto: the size fastest per image on this CPU "

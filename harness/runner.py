@@ -164,7 +164,7 @@ def check_weight_ids(mapping: dict[str, str], models: list[str], where: str = "t
 
 
 def parse_data(spec: str) -> tuple[str, str | None]:
-    """``samples`` / ``imagenet:PATH`` / ``folder:PATH`` -> (dataset id, path or None)."""
+    """``samples`` / ``imagenet:PATH`` / ``folder:PATH`` / ``imagefolder:PATH`` -> (dataset id, path or None)."""
     name, sep, path = spec.partition(":")
     if sep and not path.strip():
         raise HarnessError(f"--data {spec!r}: the path after ':' is empty; e.g. --data {name}:PATH")
