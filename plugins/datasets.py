@@ -205,7 +205,18 @@ class ImageNetVal(Dataset):
         missing = [p.name for p in files if p.stem not in labels]
         if missing:
             raise HarnessError(f"imagenet: no ground truth for {len(missing)} image(s), e.g. {missing[0]}")
-        return [Sample(id=p.name, path=str(p), label=labels[p.stem]) for p in files]
+        samples = [Sample(id=p.name, path=str(p), label=labels[p.stem]) for p in files]
+        pairs = json.dumps([[s.id, s.label] for s in samples], separators=(",", ":"))
+        self._labels_sha256 = hashlib.sha256(pairs.encode()).hexdigest()
+        return samples
+
+    def content_identity(self) -> dict[str, str]:
+        """For the flat layout, the digest of the labels read from the ground-truth file (part of the run
+        id: the labels are no image content); nothing for class folders (their names are in the ids)."""
+        if not hasattr(self, "_labels_sha256"):
+            self.samples()
+        digest = getattr(self, "_labels_sha256", None)
+        return {"labels_sha256": digest} if digest else {}
 
 
 def _flat_labels(root: Path) -> dict[str, int]:

@@ -297,3 +297,27 @@ def test_only_bad_images_is_an_error(cli, tmp_path):
     assert result.exit_code == 2, result
     assert "unreadable" in result.stderr.strip().splitlines()[-1]
     assert not list(out.glob("*.json"))
+
+
+def test_imagenet_flat_ground_truth_is_part_of_the_run_id(tmp_path):
+    """The same images with another ground-truth file are another run (labels are no image content)."""
+    from harness.runner import RunConfig, resolve
+
+    root = write_flat_val(tmp_path / "val")
+    solution = root / "LOC_val_solution.csv"
+    rows = ["ILSVRC2012_val_00000001,n01751748 1 2 3 4", "ILSVRC2012_val_00000002,n02119789 1 2 3 4",
+            "ILSVRC2012_val_00000003,n01440764 1 2 3 4"]
+
+    def run_id() -> str:
+        config = RunConfig(models=["test_resnet"], metric="accuracy", data=f"imagenet:{root}", random_init=True)
+        return resolve(config).run_id
+
+    solution.write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    first = run_id()
+    assert run_id() == first
+    rows[0] = "ILSVRC2012_val_00000001,n01440764 1 2 3 4"
+    solution.write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    assert run_id() != first
+    folders = tmp_path / "folders"
+    write_image(folders / "n01440764" / "a.JPEG", seed=1)
+    assert dataset("imagenet", folders).content_identity() == {}  # class folders: labels are in the ids
