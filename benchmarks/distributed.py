@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="insertion steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--procs", type=int, default=2, help="processes on the distributed side = threads on the other")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="also time 1 process x 1 thread: how much the second thread gives one process bounds the gain")
     parser.add_argument("--launcher", default="local", choices=["local", "torchrun"],
                         help="how the processes start (harness run --launcher; default local)")
     parser.add_argument("--startup-images", type=int, default=2, help="images of the start-up-cost runs (0: skip)")
@@ -70,6 +72,8 @@ def main() -> None:
               "--no-cache", "--quiet"]
     load1 = os.getloadavg()[0]
     sides = {"1proc": (1, args.procs), f"{args.procs}proc": (args.procs, 1)}
+    if args.single_thread:
+        sides["1proc1thread"] = (1, 1)
     timings, startup = {}, {}
     for name, (procs, threads) in sides.items():
         if args.startup_images:
@@ -78,7 +82,7 @@ def main() -> None:
         timings[name] = run(common, work / f"out-{name}", procs, threads, None, args.launcher)
         print(f"{procs} process(es) x {threads} thread(s): {timings[name]:.1f} s for {args.n} images"
               + (f" (start-up run on {args.startup_images * args.procs} images: {startup[name]:.1f} s)" if startup else ""), flush=True)
-    one, many = (curves(work / f"out-{name}") for name in sides)
+    one, many = (curves(work / f"out-{name}") for name in ("1proc", f"{args.procs}proc"))
     worst = max(abs(a - b) for sid in one for a, b in zip(one[sid], many[sid]))
     same = one.keys() == many.keys() and worst <= 1e-5
     print(f"samples files agree: {same} (largest difference {worst:.2e})")
@@ -95,6 +99,15 @@ def main() -> None:
         s1, s2 = startup["1proc"], startup[f"{args.procs}proc"]
         result.update({"startup_run_1proc_s": round(s1, 2), f"startup_run_{args.procs}proc_s": round(s2, 2),
                        "speedup_excluding_startup": round((t1 - s1) / max(1e-9, t2 - s2), 3)})
+    if args.single_thread:
+        t0 = timings["1proc1thread"]
+        result.update({"time_1proc_1thread_s": round(t0, 2), "thread_scaling_1proc": round(t0 / t1, 3),
+                       "speedup_vs_1proc_1thread": round(t0 / t2, 3)})
+        if startup:
+            s0 = startup["1proc1thread"]
+            result.update({"startup_run_1proc_1thread_s": round(s0, 2),
+                           "thread_scaling_1proc_excluding_startup": round((t0 - s0) / max(1e-9, t1 - s1), 3),
+                           "speedup_vs_1proc_1thread_excluding_startup": round((t0 - s0) / max(1e-9, t2 - s2), 3)})
     print(json.dumps(result))
 
 
