@@ -157,6 +157,8 @@ class Metric(Component):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = 1
     citation: ClassVar[str] = ""
+    reduced_precision_warning: ClassVar[str | None] = None
+    """Said once when the metric runs with ``--precision bf16/fp16`` (results it knows to be fragile there)."""
 
     def images_per_batch(self, requested: int) -> int:
         """How many images each ``evaluate`` call gets (default: ``--batch-size``)."""

@@ -476,6 +476,9 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
     use_cache = config.cache and getattr(attributor, "cacheable", True)  # stored maps are not cached again
     if attributor is not None and config.execution.reduced:
         attributor, use_cache = _reduced_precision_attributor(attributor, config, world, use_cache)
+    note = getattr(run.metric, "reduced_precision_warning", None)
+    if config.execution.reduced and note and world.is_main:
+        warn(f"--precision {config.execution.precision} with {run.metric.id}: {note}")
     if attributor is not None and use_cache:
         from harness.cache import AttributionCache, CachedAttributor, default_cache_dir
 

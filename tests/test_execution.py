@@ -270,3 +270,14 @@ def test_execution_mode_round_trips_through_the_result_record():
     assert ExecutionMode.from_record(None) == ExecutionMode()
     with pytest.raises(HarnessError):
         ExecutionMode(precision="int8").check()
+
+
+def test_reduced_precision_warns_for_metrics_whose_results_it_breaks(cli, tmp_path):
+    """MSE sets flip under bf16 (measured): subexplanations says so; insertion does not."""
+    res = cli("run", "--model", "test_resnet", "--random-init", "--metric", "subexplanations", "--limit", "1",
+              "-o", "metric.count=false", "-o", "metric.max_roots=1", "-o", "metric.max_depth=2",
+              "--precision", "bf16", "--batch-size", "16", "--quiet", "--out", tmp_path / "mse")
+    assert res.exit_code == 0, res.stderr
+    assert "--precision bf16 with subexplanations: minimal sufficient explanations" in res.stderr
+    res = cli(*RUN, "--out", tmp_path / "ins", "--precision", "bf16", "--batch-size", "4")
+    assert res.exit_code == 0 and "with insertion" not in res.stderr

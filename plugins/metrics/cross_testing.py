@@ -14,7 +14,7 @@ from harness.scoring import target_scores
 from harness.stats import mean_stderr
 from harness_plugins.metrics.insertion_deletion import choose_targets
 from harness_plugins.metrics.sag import ConfidenceOracle, SearchSettings, beam_search
-from harness_plugins.metrics.subexplanations import grid_importance, grid_of, ranking_of
+from harness_plugins.metrics.subexplanations import MSE_PRECISION_NOTE, grid_importance, grid_of, ranking_of
 
 
 class CrossTestingOptions(Options):
@@ -49,6 +49,7 @@ class CrossTesting(Metric):
     p_B(full), and whether B's top-1 is unchanged. The value is the mean off-diagonal relative confidence.
     """
 
+    reduced_precision_warning: ClassVar[str | None] = MSE_PRECISION_NOTE
     id: ClassVar[str] = "cross_testing"
     higher_is_better: ClassVar[bool | None] = None
     needs_attributor: ClassVar[bool] = True
