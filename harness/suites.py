@@ -20,7 +20,7 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
     installed attributor that runs with its default options (see :func:`every_attributor`).
     ``options`` maps a metric id to extra ``-o`` strings for its runs; ``metric_models`` maps a metric
     id to the models it runs on instead of ``models``. ``--model`` (``base.models``) replaces the
-    suite's models.
+    suite's models, ``metric_models`` included.
     """
     suite = reg.suite(name)
     models: list[str] = list(base.models) or list(suite.get("models", []))
@@ -33,7 +33,7 @@ def expand_suite(name: str, base: RunConfig, reg: Registry) -> list[RunConfig]:
     used: set[str] = set()
     for metric_id in metrics:
         metric = reg.get("metric", metric_id)
-        chosen = list(models_for.get(metric_id, models))
+        chosen = list(base.models) if base.models else list(models_for.get(metric_id, models))
         groups = [chosen] if metric.min_models >= 2 else [[m] for m in chosen]
         attributors = suite.get("attributors") if metric.needs_attributor else None
         if attributors == "*":

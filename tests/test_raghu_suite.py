@@ -37,3 +37,14 @@ def test_probe_and_localisation_run_on_a_labelled_folder(tmp_path):
     assert set(probe["accuracy"]) == {"cls", "gap", "token"} and probe["chance"] == 1 / 3
     assert all(0.0 <= a <= 1.0 for accs in probe["accuracy"].values() for a in accs if a is not None)
     assert 0.0 <= results["spatial_localisation"]["value"] <= 1.0
+
+
+def test_model_option_replaces_the_suite_models_everywhere():
+    """`--suite raghu2021 --model test_vit` runs test_vit only, also for attention_distance (whose
+    suite entry names the transformers)."""
+    from harness.registry import get_registry
+    from harness.runner import RunConfig
+    from harness.suites import expand_suite
+
+    configs = expand_suite("raghu2021", RunConfig(models=["test_vit"], metric="", data="samples"), get_registry())
+    assert {tuple(c.models) for c in configs} == {("test_vit",)}
