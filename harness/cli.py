@@ -119,7 +119,10 @@ def _summary_line(path: Path) -> str:
     err = f" ± {result.stderr:.4f}" if result.stderr is not None else ""
     value = f"{result.value:.4f}" if result.value is not None else "n/a"
     models = "+".join(m.id for m in result.models)
-    return f"{result.metric.id} {models}: {value}{err} (n={result.dataset.n_samples}) -> {path}"
+    n = result.dataset.n_samples
+    scored = (result.values or {}).get("n_scored")  # metrics that score only some samples (localisation: boxes)
+    count = f"n={scored} of {n}" if isinstance(scored, int) and not isinstance(scored, bool) and scored != n else f"n={n}"
+    return f"{result.metric.id} {models}: {value}{err} ({count}) -> {path}"
 
 
 def _run_one(config: Any, make_plots: bool) -> None:

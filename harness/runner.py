@@ -269,6 +269,10 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> ResolvedRun:
     bind = getattr(built.get("attributor"), "bind_samples", None)  # attributors that serve maps by sample id
     if callable(bind):
         bind(samples, config.seed)
+    by_samples = getattr(built["metric"], "samples_identity", None)  # e.g. the files localisation boxes come from
+    if callable(by_samples):
+        by_samples(samples, cache)
+        cache.save()
     identity = _identity(config, data_id, built, samples, weights_files, digests, specs)
     full = identity_sha256(identity)
     readable = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{config.metric}-{'+'.join(config.models)}")[:80]

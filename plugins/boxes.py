@@ -183,44 +183,46 @@ class BoxFinder:
 
     def find(self, sample: "Sample") -> ImageBoxes | None:
         """The boxes of ``sample``, or None when it has none."""
-        if self.source is not None:
-            return self._from_source(sample)
-        return self._discover(sample)
+        source = self.source_of(sample)
+        if source is None:
+            return None
+        if source == BUNDLED_BOXES:
+            return _bundled(sample)
+        suffix = source.suffix.lower()
+        if suffix == ".xml":
+            return parse_voc_xml(source)
+        if suffix == ".json":
+            return _load(source, _json_cached).get(sample.id)
+        return _load(source, _csv_cached).get(Path(sample.path).stem)
 
-    def _from_source(self, sample: "Sample") -> ImageBoxes | None:
-        stem = Path(sample.path).stem
-        if self.path.is_dir():
+    def source_of(self, sample: "Sample") -> Path | None:
+        """The file that holds ``sample``'s boxes (its content is part of the run id), or None."""
+        if self.source is not None:
+            if not self.path.is_dir():
+                return self.path
             if self._xml_index is None:
                 self._xml_index = {}
                 for p in sorted(self.path.rglob("*.xml")):
                     self._xml_index.setdefault(p.stem, p)
-            found = self._xml_index.get(stem)
-            return parse_voc_xml(found) if found else None
-        if self.path.suffix.lower() == ".json":
-            table = _load(self.path, _json_cached)
-            return table.get(sample.id)
-        return _load(self.path, _csv_cached).get(stem)
-
-    def _discover(self, sample: "Sample") -> ImageBoxes | None:
+            return self._xml_index.get(Path(sample.path).stem)
         path = Path(sample.path)
-        bundled = _bundled(sample)
-        if bundled is not None:
-            return bundled
+        if _bundled(sample) is not None:
+            return BUNDLED_BOXES
         beside = path.with_suffix(".xml")
         if beside.is_file():
-            return parse_voc_xml(beside)
+            return beside
         parts = list(path.parts)
         if "Data" in parts:  # Kaggle: ILSVRC/Data/CLS-LOC/val/x.JPEG -> ILSVRC/Annotations/CLS-LOC/val/x.xml
             i = len(parts) - 1 - parts[::-1].index("Data")
             mirrored = Path(*parts[:i], "Annotations", *parts[i + 1 :]).with_suffix(".xml")
             if mirrored.is_file():
-                return parse_voc_xml(mirrored)
+                return mirrored
         root = dataset_root(sample)
         if (root / "boxes.json").is_file():
-            return _load(root / "boxes.json", _json_cached).get(sample.id)
+            return root / "boxes.json"
         for folder in (root, root.parent):
             if (folder / "LOC_val_solution.csv").is_file():
-                return _load(folder / "LOC_val_solution.csv", _csv_cached).get(path.stem)
+                return folder / "LOC_val_solution.csv"
         return None
 
 

@@ -324,7 +324,41 @@ def test_cli_pointing_game_on_the_samples(cli, tmp_path, fresh_registry, monkeyp
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert result["metric"]["higher_is_better"] is True
     assert result["values"]["n_without_box"] == 1 and result["values"]["n_scored"] == 3
+    assert "(n=3 of 4)" in res.stdout  # the printed line counts the scored samples, not the astronaut
     assert "boxes" in result["artifacts"]
     res = cli("run", "--model", "test_resnet", "--random-init", "--metric", "relevance_mass", "-o",
               f"metric.boxes={tmp_path / 'nope.json'}", "--out", str(tmp_path), "--quiet")
     assert res.exit_code != 0 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_boxes_content_is_part_of_the_run_id(tmp_path):
+    """Other boxes for the same images are another run (resume never mixes them); a boxes file no sample
+    uses changes nothing."""
+    import shutil
+    from pathlib import Path
+
+    import skimage.data
+
+    from harness.runner import RunConfig, resolve
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(Path(skimage.data.__file__).parent / "chelsea.png", root / "cat.png")
+    boxes = root / "boxes.json"
+
+    def run_id(*options: str) -> tuple[str, dict]:
+        run = resolve(RunConfig(models=["test_resnet"], metric="relevance_mass", attributor="saliency",
+                                data=f"folder:{root}", random_init=True, options=list(options)))
+        return run.run_id, run.identity["metric"]
+
+    boxes.write_text(json.dumps({"images": {"cat.png": {"boxes": [[10, 10, 200, 200]]}}}))
+    first, entry = run_id()
+    assert "boxes_sha256" in entry and run_id()[0] == first
+    boxes.write_text(json.dumps({"images": {"cat.png": {"boxes": [[10, 10, 100, 100]]}}}))
+    moved, _ = run_id()
+    assert moved != first
+    given = tmp_path / "given.json"  # the same boxes given explicitly: the same content digest
+    given.write_text(boxes.read_text())
+    assert run_id(f"metric.boxes={given}")[1]["boxes_sha256"] == run_id()[1]["boxes_sha256"]
+    boxes.unlink()  # no boxes at all: still a defined identity
+    assert run_id()[1]["boxes_sha256"] not in (entry["boxes_sha256"], None)

@@ -174,6 +174,30 @@ class LocalisationMetric(Metric):
             self._box_finder = BoxFinder(self.options.boxes)
         return self._box_finder
 
+    def samples_identity(self, samples: list[Any], cache: Any) -> dict[str, str]:
+        """The digest of the files the run's boxes come from, in sample order (part of the run id: other
+        boxes are another run); called by the runner before the identity is taken."""
+        from harness.identity import combined_sha256
+
+        finder, seen, parts = self._finder(), {}, []
+        for sample in samples:
+            source = finder.source_of(sample)
+            if source is None:
+                parts.append("-")
+                continue
+            if source not in seen:
+                try:
+                    seen[source] = cache.digest(source).sha256
+                except OSError as exc:
+                    raise HarnessError(f"boxes: cannot read {source}: {exc.strerror or exc}") from None
+            parts.append(seen[source])
+        self._boxes_identity = {"boxes_sha256": combined_sha256(parts)}
+        return self._boxes_identity
+
+    def content_identity(self) -> dict[str, str]:
+        """What :meth:`samples_identity` found (empty before the runner asked)."""
+        return dict(getattr(self, "_boxes_identity", {}))
+
     def tolerance(self) -> float:
         """Dilation of the boxes at the original size for the scored region (pointing game only)."""
         return 0.0
