@@ -116,6 +116,9 @@ class ResolvedRun:
     digests: SampleDigests
     weights_files: list[FileDigest | None]
     model_options: ModelOptions = field(default_factory=ModelOptions)
+    all_samples: list[Sample] | None = None
+    """Every sample of the run when ``samples`` is a subset of it (``harness verify`` replays some):
+    what metrics that fit on the run's samples first (``linear_probe``) get as ``ctx.samples``."""
 
 
 def weights_for(config: RunConfig) -> list[str | None]:
@@ -498,7 +501,7 @@ def open_session(run: ResolvedRun, reg: Registry, world: Any, device: torch.devi
         run_id=run.run_id,
         quiet=config.quiet,
         visual_ids=frozenset(s.id for s in run.samples[:VISUAL_SAMPLES]),
-        samples=list(run.samples),
+        samples=list(run.all_samples if run.all_samples is not None else run.samples),
         load_batches=lambda chosen: iter_batches(run, chosen, step),
     )
     samples_file = SamplesFile(out / f"{run.run_id}.samples.jsonl")

@@ -162,7 +162,7 @@ def verify_result(path: Path, samples: int | None = None, seed: int = 0, device:
             else:
                 todo.append(sample)
         if todo:
-            subset = dataclasses.replace(run, samples=todo)
+            subset = dataclasses.replace(run, samples=todo, all_samples=run.samples)
             check_outputs(config, needs_cache=False)
             world = distributed.World()
             session = open_session(subset, reg, world, resolve_device(device))

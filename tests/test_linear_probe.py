@@ -356,6 +356,9 @@ def test_cli_vit_with_class_token(cli, labelled, tmp_path):
     assert png.exists() and png.stat().st_size > 1000
     png.unlink()
     assert cli("plot", path).exit_code == 0 and png.exists()
+    # verify replays a few samples; the probes are fitted on the run's whole sample list, not on those few
+    check = cli("verify", path, "--samples", "3")
+    assert check.exit_code == 0 and "passed" in check.stdout, check.stdout + check.stderr
 
 
 def test_cli_resnet_has_no_class_token(cli, labelled, tmp_path):
