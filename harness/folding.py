@@ -8,7 +8,8 @@ batch norm is 20% of a forward pass and 23% of a forward + input-gradient pass.
 
 The copy is only ever used where nothing can tell the difference (see :meth:`FoldedModule.serves`):
 the source module is the one the copy was made from, its weights have not changed since (MPRT and
-other randomisation tests change them), no hook is registered on any of its modules (hooks read
+other randomisation tests change them; checked by each tensor's identity and version and by a few of
+its values, which also catches changes made through ``.data``), no hook is registered on any of its modules (hooks read
 activations of the original layers, and a hooked convolution's output would be the folded one), and
 no batch norm is in training mode. Otherwise the original runs.
 
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FOLD_TOLERANCE", "FoldedModule", "fold_batchnorm", "parameter_signature"]
+__all__ = ["FOLD_TOLERANCE", "Fingerprint", "FoldedModule", "fold_batchnorm", "parameter_signature"]
 
 FOLD_TOLERANCE = 1e-4
 """Largest accepted |folded - original| logit difference, relative to the largest |logit| (float32
@@ -36,9 +37,34 @@ rounding of the folded weights; measured 2e-6..1e-5 on timm CNNs)."""
 
 
 def parameter_signature(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and in-place version of every parameter and buffer: changes when any weight changes."""
+    """Identity and in-place version of every parameter and buffer: changes when a weight is replaced or
+    changed in place (not when it is changed through ``.data``, which bypasses the version counter:
+    :class:`Fingerprint` catches that)."""
     tensors = [*module.parameters(), *module.buffers()]
     return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+FINGERPRINT_POINTS = 8
+"""Values kept per parameter and buffer (evenly spaced) to notice weights changed through ``.data``."""
+
+
+class Fingerprint:
+    """The first few stored values of every floating-point parameter and buffer, kept as live views into
+    the weights, compared with a copy in three fused calls before the folded copy is used."""
+
+    def __init__(self, module: nn.Module):
+        tensors = [t.detach() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point() and t.numel()]
+        self.views = [torch.as_strided(t, (min(FINGERPRINT_POINTS, t.numel()),), (1,), t.storage_offset()) for t in tensors]
+        self.saved = [v.clone() for v in self.views]
+
+    def matches(self) -> bool:
+        """Whether the weights still hold the recorded values (call after their identity was checked:
+        the views follow the tensors' storage)."""
+        if not self.views:
+            return True
+        with torch.no_grad():
+            norms = torch._foreach_norm(torch._foreach_sub(self.views, self.saved))
+            return not bool(torch.stack(norms).any())
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -62,6 +88,7 @@ class FoldedModule:
     module: nn.Module
     folded: int
     signature: tuple[tuple[int, int], ...]
+    fingerprint: Fingerprint | None = None
 
     def serves(self, module: nn.Module) -> bool:
         """Whether running the copy instead of ``module`` is invisible to the caller (see the module docstring)."""
@@ -70,6 +97,7 @@ class FoldedModule:
             and not _has_hooks(module)
             and not any(m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
             and parameter_signature(module) == self.signature
+            and (self.fingerprint is None or self.fingerprint.matches())
         )
 
 
@@ -207,4 +235,5 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, tolerance: float = 
     scale = float(expected.float().abs().max()) or 1.0
     if not torch.isfinite(got).all() or float((got.float() - expected.float()).abs().max()) > tolerance * scale:
         return None
-    return FoldedModule(source=module, module=duplicate, folded=len(pairs), signature=signature)
+    return FoldedModule(source=module, module=duplicate, folded=len(pairs), signature=signature,
+                        fingerprint=Fingerprint(module))

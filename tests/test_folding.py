@@ -84,6 +84,10 @@ def test_copy_is_used_only_when_nothing_can_tell():
     assert model.forward_module() is model.module  # a hooked layer must see the original activations
     handle.remove()
     assert model.forward_module() is model.folded.module
+    layer.weight.data.mul_(2.0)  # through .data: no version bump, caught by the values
+    assert model.forward_module() is model.module
+    layer.weight.data.div_(2.0)
+    assert model.forward_module() is model.folded.module
     with torch.no_grad():
         layer.weight.mul_(2.0)  # MPRT-style in-place change of the weights
     assert model.forward_module() is model.module
