@@ -47,7 +47,8 @@ def cli() -> None:
               help="auto: channels_last for CNNs, contiguous for ViTs (results equal up to float rounding).")
 @click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
               help="Run plain forward and input-gradient passes of CNNs on a copy with BatchNorm merged into the "
-                   "convolutions (results equal up to float rounding; 1.3x faster on CPU).")
+                   "convolutions (results equal up to float rounding; 1.3x faster on CPU). Cached attributions are "
+                   "shared with unfolded runs: add --no-cache for an unfolded reference.")
 @click.option("--compile", "compile_model", is_flag=True,
               help="torch.compile the models (pays on long forward-heavy runs; compiling takes tens of seconds).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:K.")

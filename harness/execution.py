@@ -230,6 +230,9 @@ def apply_execution(module: torch.nn.Module, mode: ExecutionMode, device: torch.
         install_autocast(module, device.type, mode.precision, mode.reduced_precision_gradients)
         if folded is not None:
             install_autocast(folded.module, device.type, mode.precision, mode.reduced_precision_gradients)
+            from harness.folding import module_state
+
+            folded.state = module_state(module)  # the autocast wrapper is part of the state the copy serves
     if mode.compile:
         module.compile(backend=COMPILE_BACKEND)
     applied = AppliedExecution(mode.precision, memory_format, mode.compile, mode.reduced_precision_gradients,

@@ -14,7 +14,9 @@ activations of the original layers, and a hooked convolution's output would be t
 no batch norm is in training mode. Otherwise the original runs.
 
 Pairs are found on a traced forward pass: a BatchNorm2d whose input tensor is the output of a Conv2d
-called once, where the autograd graph shows that output has no other consumer. The folded copy is
+called once, unchanged in place since, where the autograd graph shows that output has no other
+consumer (a non-differentiable use, such as a mask made from it, leaves no edge: the check below
+is what catches that). The folded copy is
 checked against the original on a random input before it is used (logits within
 ``FOLD_TOLERANCE`` of the largest logit); a copy that fails is discarded.
 """
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FOLD_TOLERANCE", "Fingerprint", "FoldedModule", "fold_batchnorm", "parameter_signature"]
+__all__ = ["FOLD_TOLERANCE", "Fingerprint", "FoldedModule", "fold_batchnorm", "module_state", "parameter_signature"]
 
 FOLD_TOLERANCE = 1e-4
 """Largest accepted |folded - original| logit difference, relative to the largest |logit| (float32
@@ -45,16 +47,28 @@ def parameter_signature(module: nn.Module) -> tuple[tuple[int, int], ...]:
 
 
 FINGERPRINT_POINTS = 8
-"""Values kept per parameter and buffer (evenly spaced) to notice weights changed through ``.data``."""
+"""Values kept per parameter and buffer (evenly spaced over its storage) to notice weights changed
+through ``.data``."""
 
 
 class Fingerprint:
-    """The first few stored values of every floating-point parameter and buffer, kept as live views into
-    the weights, compared with a copy in three fused calls before the folded copy is used."""
+    """A few stored values of every floating-point parameter and buffer, evenly spaced over its storage
+    and kept as live views into the weights, compared with a copy in three fused calls before the
+    folded copy is used. A change that touches none of the sampled values is not noticed; replacing or
+    changing a weight in place is (:func:`parameter_signature`)."""
 
     def __init__(self, module: nn.Module):
-        tensors = [t.detach() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point() and t.numel()]
-        self.views = [torch.as_strided(t, (min(FINGERPRINT_POINTS, t.numel()),), (1,), t.storage_offset()) for t in tensors]
+        self.views = []
+        for t in [*module.parameters(), *module.buffers()]:
+            t = t.detach()
+            if not t.is_floating_point() or t.is_sparse or t.numel() == 0:
+                continue
+            stored = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+            if stored <= 0:
+                continue
+            count = min(FINGERPRINT_POINTS, stored)
+            step = max(1, stored // count)
+            self.views.append(torch.as_strided(t, (count,), (step,), t.storage_offset()))
         self.saved = [v.clone() for v in self.views]
 
     def matches(self) -> bool:
@@ -65,6 +79,12 @@ class Fingerprint:
         with torch.no_grad():
             norms = torch._foreach_norm(torch._foreach_sub(self.views, self.saved))
             return not bool(torch.stack(norms).any())
+
+
+def module_state(module: nn.Module) -> tuple[tuple[int, bool, bool], ...]:
+    """Each submodule's identity, training flag and whether an instance ``forward`` is patched on it:
+    changes when a layer is replaced, switched to training mode (dropout) or wrapped."""
+    return tuple((id(m), m.training, "forward" in m.__dict__) for m in module.modules())
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -89,6 +109,7 @@ class FoldedModule:
     folded: int
     signature: tuple[tuple[int, int], ...]
     fingerprint: Fingerprint | None = None
+    state: tuple[tuple[int, bool, bool], ...] | None = None
 
     def serves(self, module: nn.Module) -> bool:
         """Whether running the copy instead of ``module`` is invisible to the caller (see the module docstring)."""
@@ -97,6 +118,7 @@ class FoldedModule:
             and not _has_hooks(module)
             and not any(m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
             and parameter_signature(module) == self.signature
+            and (self.state is None or module_state(module) == self.state)
             and (self.fingerprint is None or self.fingerprint.matches())
         )
 
@@ -147,20 +169,22 @@ def _pairs(module: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     names = {m: n for n, m in listed}
     repeated = {m for m, k in Counter(m for _, m in listed).items() if k > 1}
     calls: Counter = Counter()
-    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    produced: dict[int, tuple[nn.Module, torch.Tensor, int]] = {}
     fed: list[tuple[nn.Module, nn.Module, torch.Tensor]] = []
     handles = []
 
     def after_conv(conv: nn.Module, _inputs: Any, output: Any) -> None:
         calls[conv] += 1
         if isinstance(output, torch.Tensor):
-            produced[id(output)] = (conv, output)
+            produced[id(output)] = (conv, output, output._version)
 
     def before_bn(bn: nn.Module, inputs: Any) -> None:
         calls[bn] += 1
         x = inputs[0] if inputs else None
         if isinstance(x, torch.Tensor) and id(x) in produced and produced[id(x)][1] is x:
-            fed.append((produced[id(x)][0], bn, x))
+            conv, _, version = produced[id(x)]
+            if x._version == version:  # not changed in place in between (conv -> ReLU(inplace) -> BN)
+                fed.append((conv, bn, x))
 
     for m in module.modules():
         if type(m) is nn.Conv2d:
@@ -235,5 +259,9 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, tolerance: float = 
     scale = float(expected.float().abs().max()) or 1.0
     if not torch.isfinite(got).all() or float((got.float() - expected.float()).abs().max()) > tolerance * scale:
         return None
+    try:
+        fingerprint = Fingerprint(module)
+    except (RuntimeError, ValueError):  # an unusual tensor layout: run the original
+        return None
     return FoldedModule(source=module, module=duplicate, folded=len(pairs), signature=signature,
-                        fingerprint=Fingerprint(module))
+                        fingerprint=fingerprint, state=module_state(module))

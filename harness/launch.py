@@ -2,7 +2,7 @@
 
 ``local`` starts ``nproc`` copies of the command itself, with the environment torchrun would give
 them (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``
-on a free port, ``OMP_NUM_THREADS`` = cores / nproc unless set), and no agent process in between:
+on a free port, ``OMP_NUM_THREADS`` = the cores this process may use / nproc unless set), and no agent process in between:
 torchrun's own interpreter imports torch first (3.4 s on a 2-core machine) before any worker starts.
 If a worker fails, the others are stopped, and the launcher exits with the failing worker's code.
 """
@@ -48,7 +48,8 @@ def _free_port() -> int:
 
 def worker_environments(nproc: int, port: int, base: dict[str, str]) -> list[dict[str, str]]:
     """The environment of each of ``nproc`` local workers (torchrun's variables, one machine)."""
-    threads = base.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = base.get("OMP_NUM_THREADS") or str(max(1, cores // nproc))
     return [
         dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
              GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=threads)
@@ -69,25 +70,60 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def worker_command(args: Sequence[str]) -> list[str]:
+    """The command every local worker runs: this interpreter, ``-m harness ARGS``."""
+    return [sys.executable, "-m", "harness", *args]
+
+
+def _exit_code(code: int) -> int:
+    """A worker's exit code as a shell reports it (killed by signal N: 128 + N)."""
+    return 128 - code if code < 0 else code
+
+
 def launch_local(nproc: int, args: Sequence[str]) -> int:
-    """Run ``python -m harness ARGS`` as ``nproc`` ranks; the first non-zero exit code, or 0."""
+    """Run ``python -m harness ARGS`` as ``nproc`` ranks; the first non-zero exit code, or 0. The
+    workers are stopped when one fails, and when the launcher is interrupted or terminated."""
     if nproc < 1:
         raise HarnessError(f"--nproc must be at least 1, got {nproc}")
-    command = [sys.executable, "-m", "harness", *args]
-    processes = [subprocess.Popen(command, env=env) for env in worker_environments(nproc, _free_port(), dict(os.environ))]
+    command = worker_command(args)
+    processes: list[subprocess.Popen] = []
+
+    def terminated(signum: int, _frame: object) -> None:
+        raise _Stop(128 + signum)
+
+    previous = {sig: signal.signal(sig, terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        for env in worker_environments(nproc, _free_port(), dict(os.environ)):
+            processes.append(subprocess.Popen(command, env=env))
         while True:
             codes = [p.poll() for p in processes]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
                 _stop(processes)
-                return int(failed[0])
+                return _exit_code(int(failed[0]))
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.05)
     except KeyboardInterrupt:
         _stop(processes)
         return 130
+    except _Stop as stop:
+        _stop(processes)
+        return stop.code
+    except OSError as exc:  # a worker could not be started
+        _stop(processes)
+        raise HarnessError(f"--launcher local: cannot start a worker: {exc.strerror or exc}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stop(Exception):
+    """The launcher received a terminating signal."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 def launch_torchrun(nproc: int, args: Sequence[str]) -> int:

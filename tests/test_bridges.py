@@ -571,3 +571,19 @@ def test_bridged_ids_work_from_the_command_line(cli, tmp_path, fresh_registry, m
               "--limit", "1", "-o", "metric.steps=2", "--out", str(tmp_path), "--quiet")
     assert res.exit_code != 0
     assert "zennit's LRP rules do not cover model test_vit" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_installed_but_broken_library_fails_in_one_line_when_used(tmp_path, monkeypatch):
+    """A package that is found but cannot be imported: a HarnessError naming the cause, not a traceback."""
+    from harness.errors import HarnessError
+    from harness_plugins.attributors.bridges.common import require
+
+    (tmp_path / "brokenlib").mkdir()
+    (tmp_path / "brokenlib" / "__init__.py").write_text("raise RuntimeError('compiled against another torch')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lazy = require("brokenlib", "BrokenLib", "broken")
+    with pytest.raises(HarnessError) as info:
+        lazy.anything
+    message = str(info.value)
+    assert "BrokenLib cannot be imported" in message and 'pip install "harness[broken]"' in message
+    assert "\n" not in message

@@ -149,3 +149,44 @@ def test_run_records_folding_and_agrees_with_no_fold(cli, tmp_path):
     assert ra["provenance"]["folded_batchnorm"][0] > 0 and rb["provenance"]["folded_batchnorm"] == [0]
     assert ra["provenance"]["run_config"]["execution"]["fold_batchnorm"] is True
     assert abs(ra["value"] - rb["value"]) <= 1e-5
+
+
+class InPlaceBetween(TwoConsumers):
+    """conv -> ReLU(inplace) -> BN: the BN's input is the conv's output object, changed in place."""
+
+    def forward(self, x):
+        return self.head(self.bn(torch.relu_(self.conv(x))).mean((2, 3)))
+
+
+class ExpandedBuffer(OneConsumer):
+    """A stride-0 buffer (more elements than its storage holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1).expand(3))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale[:2]
+
+
+def test_an_in_place_op_between_conv_and_bn_is_not_folded():
+    from harness.folding import _pairs
+
+    assert _pairs(_trained_looking(InPlaceBetween()).eval(), _x(2)) == []
+
+
+def test_unusual_buffers_do_not_break_loading():
+    folded = fold_batchnorm(_trained_looking(ExpandedBuffer()).eval(), _x(2))
+    assert folded is not None and folded.folded == 1 and folded.serves(folded.source)
+
+
+def test_module_state_changes_are_noticed():
+    model = _model("test_resnet", ExecutionMode())
+    drop = next(m for m in model.module.modules() if m is not model.module)
+    drop.train()  # a submodule switched to training mode (dropout would sample)
+    assert model.forward_module() is model.module
+    drop.eval()
+    assert model.forward_module() is model.folded.module
+    layer = next(m for m in model.module.modules() if isinstance(m, nn.Conv2d))
+    layer.forward = lambda x: x  # a patched forward
+    assert model.forward_module() is model.module

@@ -145,3 +145,55 @@ def test_a_different_option_misses_the_cache(tmp_path, cli):
     res = cli(*base, "-o", "attributor.steps=3", "--out", tmp_path / "b")
     data = json.loads(Path(res.stdout.strip().rsplit(" -> ", 1)[1]).read_text())
     assert data["provenance"]["attribution_cache"]["misses"] == 1
+
+
+LAUNCHER = """
+import os, sys, time
+import harness.launch as launch
+folder, behaviour = sys.argv[1], sys.argv[2]
+worker = (
+    "import os, signal, sys, time; rank = os.environ['RANK']; "
+    f"open(os.path.join({folder!r}, rank + '.pid'), 'w').write(str(os.getpid())); "
+    + ("os.kill(os.getpid(), signal.SIGKILL) if rank == '1' else time.sleep(60)" if behaviour == "kill" else "time.sleep(60)")
+)
+launch.worker_command = lambda args: [sys.executable, "-c", worker]
+sys.exit(launch.launch_local(2, []))
+"""
+
+
+def _launcher(tmp_path, behaviour: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path), behaviour], env=env())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _pids(tmp_path, n: int = 2) -> list[int]:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        files = list(tmp_path.glob("*.pid"))
+        if len(files) == n and all(f.read_text() for f in files):
+            return [int(f.read_text()) for f in files]
+        time.sleep(0.05)
+    raise AssertionError("the workers did not start")
+
+
+def test_local_launcher_stops_its_workers_when_terminated(tmp_path):
+    launcher = _launcher(tmp_path, "sleep")
+    pids = _pids(tmp_path)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_local_launcher_reports_a_killed_worker_as_the_shell_does(tmp_path):
+    launcher = _launcher(tmp_path, "kill")
+    assert launcher.wait(timeout=60) == 128 + signal.SIGKILL  # 137, not 247
+    time.sleep(0.2)
+    assert not any(_alive(int(f.read_text())) for f in tmp_path.glob("*.pid") if f.read_text())

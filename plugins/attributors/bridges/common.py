@@ -66,10 +66,10 @@ class LazyModule(ModuleType):
             module, library, extra = self._target
             try:
                 self._loaded = importlib.import_module(module)
-            except ImportError as exc:
+            except Exception as exc:  # installed but broken (a failing import, a missing dependency): one line
                 missing = getattr(exc, "name", None)
                 detail = "" if missing == module.split(".")[0] else " ".join(str(exc).split())
-                raise MissingLibrary(library, extra, detail) from exc
+                raise HarnessError(str(MissingLibrary(library, extra, detail or type(exc).__name__))) from None
         return self._loaded
 
     def __getattr__(self, name: str):
@@ -80,7 +80,9 @@ class LazyModule(ModuleType):
 
 def require(module: str, library: str, extra: str) -> ModuleType:
     """``module``, imported on first use; :class:`MissingLibrary` (naming ``pip install "harness[extra]"``)
-    right away when its package is not installed, or on first use when it cannot be imported."""
+    right away when its package is not installed (the plugin is listed as skipped). A package that is
+    installed but fails to import is found on first use: a one-line :class:`HarnessError` naming the
+    reason and the install command (``harness plugins`` lists its attributors until then)."""
     if not _installed(module):
         raise MissingLibrary(library, extra)
     return LazyModule(module, library, extra)
