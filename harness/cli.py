@@ -121,7 +121,8 @@ def _summary_line(path: Path) -> str:
     value = f"{result.value:.4f}" if result.value is not None else "n/a"
     models = "+".join(m.id for m in result.models)
     n = result.dataset.n_samples
-    scored = (result.values or {}).get("n_scored")  # metrics that score only some samples (localisation: boxes)
+    values = result.values or {}  # metrics that score only some samples: localisation (boxes), accuracy (labels)
+    scored = values.get("n_scored", values.get("n_labelled"))
     count = f"n={scored} of {n}" if isinstance(scored, int) and not isinstance(scored, bool) and scored != n else f"n={n}"
     return f"{result.metric.id} {models}: {value}{err} ({count}) -> {path}"
 

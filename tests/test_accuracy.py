@@ -46,6 +46,8 @@ def independent():
 def _run(tmp_path: Path, *extra: str):
     res = run_cli("run", "--model", "efficientnet_lite0", "--metric", "accuracy", "--out", str(tmp_path), "--quiet", *extra)
     assert res.exit_code == 0, res.stderr
+    if not extra:  # the bundled photos: the astronaut has no ImageNet class and is not counted
+        assert "(n=3 of 4)" in res.stdout
     (path,) = tmp_path.glob("*.json")
     result = json.loads(path.read_text())
     samples = [json.loads(line) for line in Path(str(path)[: -len(".json")] + ".samples.jsonl").read_text().splitlines()]
