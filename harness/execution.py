@@ -253,8 +253,13 @@ CPU_BUDGET_S = 15.0
 """A calibration runs no further round once it has spent this long (at least one round runs)."""
 CUDA_MAX = 256
 """The largest forward-pass size tried on a GPU."""
-CALIBRATION_VERSION = 2
-"""Part of the cache key: a changed calibration procedure measures again."""
+CALIBRATION_VERSION = 3
+"""Part of the cache key: a changed calibration procedure measures again (3: the module that runs,
+batch-norm-folded where the mode folds, is what is timed)."""
+BUSY_PER_CORE = 1.0
+"""A calibration made while the 1-minute load average per core was above this is provisional: it is
+measured again once the machine is quiet (:data:`QUIET_PER_CORE`); a busy machine favours small sizes."""
+QUIET_PER_CORE = 0.75
 
 
 def parse_batch_size(value: Any) -> int | str:
@@ -359,6 +364,15 @@ class CalibrationCache:
         size = entry.get("batch_size") if isinstance(entry, dict) else None
         return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
 
+    def provisional(self, key: str) -> bool:
+        """Whether ``key``'s size was measured on a busy machine (load per core above :data:`BUSY_PER_CORE`)."""
+        entry = self.read().get(key)
+        load, cores = (entry.get("load_average_1min"), entry.get("cpu_count")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(load, (int, float)) or isinstance(load, bool):
+            return False
+        per_core = load / cores if isinstance(cores, int) and not isinstance(cores, bool) and cores >= 1 else load / (os.cpu_count() or 1)
+        return per_core > BUSY_PER_CORE
+
     def put(self, key: str, entry: dict[str, Any]) -> None:
         """Store ``entry`` under ``key`` (atomic rename; an unwritable folder only loses the cache)."""
         data = self.read()
@@ -384,8 +398,10 @@ def _probe_input(model: Any, rows: int) -> torch.Tensor:
 
 
 def calibrate_cpu(model: Any) -> dict[int, float]:
-    """Per-image seconds of the model's forward pass (inference mode) at the :data:`CPU_SIZES`."""
-    x, forward = _probe_input(model, max(CPU_SIZES)), _eager(model.module)
+    """Per-image seconds of the model's forward pass (inference mode) at the :data:`CPU_SIZES`, of the
+    module plain passes run (the batch-norm-folded copy where there is one)."""
+    module = model.forward_module() if callable(getattr(model, "forward_module", None)) else model.module
+    x, forward = _probe_input(model, max(CPU_SIZES)), _eager(module)
 
     def run(size: int) -> None:
         with torch.inference_mode():
@@ -411,6 +427,13 @@ def probe_cuda(model: Any, start: int = CUDA_MAX) -> int:
         torch.cuda.empty_cache()
 
 
+def _load_per_core() -> float:
+    """The 1-minute load average per core now (0 where the platform does not report it)."""
+    if not hasattr(os, "getloadavg"):
+        return 0.0
+    return os.getloadavg()[0] / (os.cpu_count() or 1)
+
+
 def auto_batch_size(model: Any, cache_dir: Path | None) -> int:
     """The forward-pass size for ``model`` on its device (CPU: cached calibration; CUDA: memory probe)."""
     if model.device.type == "cuda":
@@ -420,12 +443,13 @@ def auto_batch_size(model: Any, cache_dir: Path | None) -> int:
     cache = CalibrationCache.under(cache_dir) if cache_dir is not None else None
     key = calibration_key(model, model.device, torch.get_num_threads())
     cached = cache.get(key) if cache is not None else None
-    if cached is not None:
+    if cached is not None and not (cache is not None and cache.provisional(key) and _load_per_core() < QUIET_PER_CORE):
         return cached
     per_image = calibrate_cpu(model)
     size = fastest_size(per_image)
     if cache is not None:
         cache.put(key, {"batch_size": size, "ms_per_image": {str(k): round(v * 1000, 3) for k, v in per_image.items()},
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None})
+                        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                        "cpu_count": os.cpu_count()})
     return size
