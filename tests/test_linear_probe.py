@@ -433,3 +433,21 @@ def test_batch_size_does_not_change_the_probes(tiny, tmp_path):
         for pa, pb in zip(row_a, row_b):
             assert torch.allclose(pa.w, pb.w, rtol=1e-9, atol=1e-12)
     assert [r["values"].get("correct") for r in small] == [r["values"].get("correct") for r in large]
+
+
+def test_solver_predicts_what_big_vision_predicts():
+    """Fixture from big_vision's published probe (evaluators/fewshot_lsr.py, run unmodified in jax float64
+    by a driver outside the repository): per test sample, whether its prediction is right, for N >= D and
+    N < D (its dual form) and several ridges."""
+    from harness_plugins.metrics.probe_solver import solve, solve_grid
+
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "big_vision" / "fewshot_lsr.json").read_text())
+    assert len(fixture["cases"]) == 5
+    for case in fixture["cases"]:
+        x, y = np.array(case["x_train"]), np.array(case["y_train"])
+        x_test, y_test = torch.tensor(case["x_test"]), np.array(case["y_test"])
+        stats = _stats(x, y, case["classes"])
+        for probe in (solve(stats, case["l2"]), solve_grid(stats, [case["l2"]])[0]):
+            predicted = probe.logits(x_test[None])[0].argmax(1).numpy()
+            assert (predicted == y_test).astype(float).tolist() == case["correct"]
+            assert (predicted == y_test).mean() == pytest.approx(case["accuracy"])
