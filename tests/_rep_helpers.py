@@ -58,3 +58,10 @@ def run_metric(metric, models: list, images: list, *, batch_size: int, out_dir: 
 def as_matrix(rows: list[list[float | None]]) -> torch.Tensor:
     """A nested list with nulls -> float64 tensor with NaN."""
     return torch.tensor([[float("nan") if v is None else v for v in row] for row in rows], dtype=torch.float64)
+
+
+def cli_result(res) -> tuple[str, dict[str, Any]]:
+    """(result path, parsed result) of a successful ``harness run`` (the path its printed line names)."""
+    assert res.exit_code == 0, res.stderr
+    path = res.stdout.strip().rsplit("-> ", 1)[1]
+    return path, json.loads(open(path).read())

@@ -9,28 +9,9 @@ from torch import nn
 
 from _rep_helpers import run_metric, smooth_images
 from conftest import wrap_module
+from test_attention_distance import FixedAttention, _metric  # the same fixed-probability attention module
 
 GRID, PATCH = 4, 16  # 4 x 4 patches of 16 px: a 64 px input, 16 patch queries, one CLS token
-
-
-def _metric():
-    from harness_plugins.metrics.attention_distance import AttentionDistance
-
-    return AttentionDistance()
-
-
-class FixedAttention(nn.Module):
-    """Post-softmax probabilities from fixed logits per head (float32 softmax, as timm computes it)."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.num_heads = logits.shape[0]
-        self.register_buffer("logits", logits)
-        self.attn_drop = nn.Dropout(0.0)
-
-    def forward(self, x):
-        probs = self.attn_drop(self.logits.softmax(-1).expand(x.shape[0], -1, -1, -1))
-        return x + 0 * probs.sum()
 
 
 class CLSViT(nn.Module):

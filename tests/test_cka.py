@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from _rep_helpers import as_matrix, image_folder, run_metric, smooth_images
+from _rep_helpers import as_matrix, cli_result, image_folder, run_metric, smooth_images
 from conftest import wrap_module
 
 LAYERS = ["base", "ortho", "scaled", "linear", "offset", "other"]
@@ -290,16 +290,10 @@ def folder(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("cka_images"), 24, size=64)
 
 
-def _result(res):
-    assert res.exit_code == 0, res.stderr
-    path = res.stdout.strip().rsplit("-> ", 1)[1]
-    return path, json.loads(open(path).read())
-
-
 def test_cli_self_similarity_test_vit(cli, folder, tmp_path):
     res = cli("run", "--model", "test_vit", "--random-init", "--metric", "cka", "--data", f"folder:{folder}",
               "--batch-size", "8", "--out", tmp_path, "--quiet")
-    path, result = _result(res)
+    path, result = cli_result(res)
     values = result["values"]
     layers = values["layers_a"]
     assert len(layers) == 36 and layers[:6] == ["blocks.0.norm1", "blocks.0.attn", "blocks.0.norm2:in", "blocks.0.norm2", "blocks.0.mlp.act", "blocks.0"]
@@ -319,7 +313,7 @@ def test_cli_cross_model_and_globs(cli, folder, tmp_path):
     res = cli("run", "--model", "test_vit", "--model", "test_resnet", "--random-init", "--metric", "cka",
               "--data", f"folder:{folder}", "--batch-size", "8", "--limit", "16", "-o", "metric.layers=blocks.*",
               "-o", "metric.layers_b=layer?.*,layer4.*.act1", "--out", tmp_path, "--quiet")
-    _, result = _result(res)
+    _, result = cli_result(res)
     values = result["values"]
     assert values["layers_a"] == [f"blocks.{i}" for i in range(6)]
     assert values["layers_b"][-2:] == ["layer4.0.act1", "layer4.0"]
@@ -331,7 +325,7 @@ def test_cli_cka_cross_all_pairs(cli, folder, tmp_path):
     res = cli("run", "--model", "test_vit", "--model", "test_resnet", "--model", "test_vit", "--random-init",
               "--metric", "cka_cross", "--data", f"folder:{folder}", "--batch-size", "8", "--limit", "8",
               "-o", "metric.layers=blocks", "--out", tmp_path, "--quiet")
-    _, result = _result(res)
+    _, result = cli_result(res)
     pairs = result["values"]["pairs"]
     assert [(p["a"], p["b"]) for p in pairs] == [("test_vit", "test_resnet"), ("test_vit", "test_vit"), ("test_resnet", "test_vit")]
     same = as_matrix(pairs[1]["cka"])  # the same random-init weights (same seed): diagonal 1
@@ -342,13 +336,13 @@ def test_cli_cka_cross_all_pairs(cli, folder, tmp_path):
 def test_cli_resume_gives_the_uninterrupted_numbers(cli, folder, tmp_path):
     args = ["run", "--model", "test_vit", "--random-init", "--metric", "cka", "--data", f"folder:{folder}",
             "--batch-size", "8", "-o", "metric.layers=blocks", "--quiet"]
-    _, full = _result(cli(*args, "--out", tmp_path / "full"))
+    _, full = cli_result(cli(*args, "--out", tmp_path / "full"))
     # an interrupted run: only the first chunk (8 records, carrying its HSIC sums) reached the samples file
     lines = (tmp_path / "full" / f"{full['run_id']}.samples.jsonl").read_text().splitlines(keepends=True)
     target = tmp_path / "resumed"
     target.mkdir()
     (target / f"{full['run_id']}.samples.jsonl").write_text("".join(lines[:8]))
-    _, resumed = _result(cli(*args, "--out", target, "--resume"))
+    _, resumed = cli_result(cli(*args, "--out", target, "--resume"))
     assert resumed["values"]["cka"] == full["values"]["cka"]
     assert resumed["value"] == full["value"] and resumed["values"]["batches"] == 3
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from _labelled import make_labelled_folder
+from _rep_helpers import cli_result
 from conftest import wrap_module
 
 
@@ -331,18 +332,12 @@ def labelled(tmp_path_factory):
     return make_labelled_folder(tmp_path_factory.mktemp("probe_data"), classes=3, per_class=8, size=64)
 
 
-def _result(res):
-    assert res.exit_code == 0, res.stderr
-    path = res.stdout.strip().rsplit("-> ", 1)[1]
-    return path, json.loads(open(path).read())
-
-
 VIT = ["run", "--model", "test_vit", "--random-init", "--metric", "linear_probe", "--batch-size", "8",
        "-o", "metric.shots=3", "--quiet"]
 
 
 def test_cli_vit_with_class_token(cli, labelled, tmp_path):
-    path, result = _result(cli(*VIT, "--data", f"imagefolder:{labelled}", "--out", tmp_path))
+    path, result = cli_result(cli(*VIT, "--data", f"imagefolder:{labelled}", "--out", tmp_path))
     values = result["values"]
     assert values["layers"] == [f"blocks.{i}" for i in range(6)]
     assert values["features"] == ["cls", "gap", "token"] and values["skipped_features"] == []
@@ -362,7 +357,7 @@ def test_cli_vit_with_class_token(cli, labelled, tmp_path):
 
 
 def test_cli_resnet_has_no_class_token(cli, labelled, tmp_path):
-    _, result = _result(cli("run", "--model", "test_resnet", "--random-init", "--metric", "linear_probe", "--batch-size", "8",
+    _, result = cli_result(cli("run", "--model", "test_resnet", "--random-init", "--metric", "linear_probe", "--batch-size", "8",
                             "-o", "metric.train_fraction=0.5", "-o", "metric.repetitions=2", "--quiet",
                             "--data", f"imagefolder:{labelled}", "--out", tmp_path))
     values = result["values"]
@@ -374,7 +369,7 @@ def test_cli_resnet_has_no_class_token(cli, labelled, tmp_path):
 
 def test_cli_resume_gives_the_uninterrupted_numbers(cli, labelled, tmp_path, monkeypatch):
     args = [*VIT, "--data", f"imagefolder:{labelled}", "-o", "metric.layers=blocks.5,blocks.2"]
-    _, full = _result(cli(*args, "--out", tmp_path / "full"))
+    _, full = cli_result(cli(*args, "--out", tmp_path / "full"))
     lines = (tmp_path / "full" / f"{full['run_id']}.samples.jsonl").read_text().splitlines(keepends=True)
     for name, with_fit in (("refit", False), ("cached", True)):
         target = tmp_path / name
@@ -385,7 +380,7 @@ def test_cli_resume_gives_the_uninterrupted_numbers(cli, labelled, tmp_path, mon
             from harness_plugins.metrics import linear_probe
 
             monkeypatch.setattr(linear_probe.LinearProbe, "_fit_probes", lambda *a: pytest.fail("refitted"))
-        _, resumed = _result(cli(*args, "--out", target, "--resume"))
+        _, resumed = cli_result(cli(*args, "--out", target, "--resume"))
         assert resumed["values"]["accuracy"] == full["values"]["accuracy"], name
         assert resumed["value"] == full["value"] and resumed["stderr"] == full["stderr"]
         assert resumed["values"]["per_repetition"] == full["values"]["per_repetition"]

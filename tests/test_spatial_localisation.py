@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _rep_helpers import as_matrix, image_folder, run_metric, smooth_images
+from _rep_helpers import as_matrix, cli_result, image_folder, run_metric, smooth_images
 from conftest import wrap_module
 
 SIZE, CELL = 32, 8  # 4 x 4 grid of 3 x 8 x 8 input patches
@@ -277,17 +277,11 @@ def folder(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("spatial_images"), 16, size=64)
 
 
-def _result(res):
-    assert res.exit_code == 0, res.stderr
-    path = res.stdout.strip().rsplit("-> ", 1)[1]
-    return path, json.loads(open(path).read())
-
-
 @pytest.mark.parametrize(("model", "grid"), [("test_vit", 10), ("test_resnet", 5)])
 def test_cli_end_to_end_and_plot(cli, folder, tmp_path, model, grid):
     res = cli("run", "--model", model, "--random-init", "--metric", "spatial_localisation", "--data", f"folder:{folder}",
               "--batch-size", "8", "--out", tmp_path, "--quiet")
-    path, result = _result(res)
+    path, result = cli_result(res)
     values = result["values"]
     assert values["grid"] == [grid, grid] and values["batches"] == 2 and values["minibatch"] == 8
     assert len(values["cka"]) == grid * grid and result["value"] == values["score"]
@@ -301,12 +295,12 @@ def test_cli_end_to_end_and_plot(cli, folder, tmp_path, model, grid):
 def test_cli_resume_gives_the_uninterrupted_numbers(cli, folder, tmp_path):
     args = ["run", "--model", "test_resnet", "--random-init", "--metric", "spatial_localisation",
             "--data", f"folder:{folder}", "--batch-size", "4", "--quiet"]
-    _, full = _result(cli(*args, "--out", tmp_path / "full"))
+    _, full = cli_result(cli(*args, "--out", tmp_path / "full"))
     lines = (tmp_path / "full" / f"{full['run_id']}.samples.jsonl").read_text().splitlines(keepends=True)
     target = tmp_path / "resumed"
     target.mkdir()
     (target / f"{full['run_id']}.samples.jsonl").write_text("".join(lines[:8]))  # the first two chunks
-    _, resumed = _result(cli(*args, "--out", target, "--resume"))
+    _, resumed = cli_result(cli(*args, "--out", target, "--resume"))
     assert resumed["values"]["cka"] == full["values"]["cka"]
     assert resumed["value"] == full["value"] and resumed["stderr"] == full["stderr"] and resumed["values"]["batches"] == 4
 
