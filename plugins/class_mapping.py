@@ -72,7 +72,11 @@ def _read_text(path: Path, where: str) -> str:
     """The file's text: a regular file, at most MAX_BYTES, UTF-8 (a BOM is allowed)."""
     try:
         if not path.exists():
-            raise HarnessError(f"imagefolder: {where} does not exist")
+            import difflib
+
+            close = difflib.get_close_matches(str(path), ["sorted", "imagenet"], n=1, cutoff=0.7)
+            hint = f"; did you mean -o dataset.classes={close[0]}?" if close else " (sorted, imagenet or a mapping FILE)"
+            raise HarnessError(f"imagefolder: {where} does not exist{hint}")
         if not path.is_file():
             raise HarnessError(f"imagefolder: {where} is not a regular file")
         with open(path, "rb") as handle:

@@ -195,6 +195,7 @@ def test_bad_mapping_file_is_one_line(tmp_path, two_classes, name, content, expe
 def test_unreadable_mappings_are_one_line(tmp_path, two_classes):
     data = f"imagefolder:{two_classes}"
     assert "does not exist" in _one_line_error(tmp_path, data, f"dataset.classes={tmp_path / 'nope.json'}")
+    assert "did you mean -o dataset.classes=imagenet?" in _one_line_error(tmp_path, data, "dataset.classes=imagnet")
     assert "is not a regular file" in _one_line_error(tmp_path, data, f"dataset.classes={tmp_path}")
     os.mkfifo(tmp_path / "fifo.json")  # would block a naive reader
     assert "is not a regular file" in _one_line_error(tmp_path, data, f"dataset.classes={tmp_path / 'fifo.json'}")
